@@ -1,0 +1,26 @@
+# Two entry points that set up a fresh machine from nothing (see README):
+#   make demo   -> create .venv, install pinned deps, run the main job
+#   make test   -> create .venv, install pinned deps, run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-slow
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python -m parity_tests.demo
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --slow

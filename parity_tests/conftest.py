@@ -1,0 +1,57 @@
+"""Shared test setup: float64 everywhere, hypothesis profiles, the --slow flag."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:  # float64 must be switched on before any JAX array exists
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", "highest")
+except ImportError:  # the torch-only environment
+    pass
+
+try:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+except ImportError:
+    pass
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=12, derandomize=True, **common)
+    settings.register_profile("dev", max_examples=25, **common)
+    settings.register_profile("slow", max_examples=300, **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+except ImportError:
+    pass
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False, help="run slow sweeps and long checks")
+
+
+def pytest_configure(config):
+    if config.getoption("--slow"):
+        try:
+            from hypothesis import settings
+
+            settings.load_profile("slow")
+        except ImportError:
+            pass
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,37 @@
+"""Boolean attention masks (True = may attend), broadcastable to [B, N, T, S]."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(q_len: int, k_len: int, *, q_offset: int | jax.Array | None = None) -> jax.Array:
+    """[T, S] bool: key j is visible to query i iff j <= i + q_offset.
+
+    ``q_offset`` defaults to S - T (bottom-right aligned: the queries are the last
+    T positions of the keys, as with a KV cache). For T = 3, S = 3::
+
+        [[1, 0, 0],
+         [1, 1, 0],
+         [1, 1, 1]]
+    """
+    offset = k_len - q_len if q_offset is None else q_offset
+    i = jnp.arange(q_len)[:, None]
+    j = jnp.arange(k_len)[None, :]
+    return j <= i + offset
+
+
+def padding_mask(lengths: jax.Array, k_len: int) -> jax.Array:
+    """[B, 1, 1, S] bool: key j of example b is visible iff j < lengths[b]."""
+    j = jnp.arange(k_len)
+    return (j[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the masks that are not None (None if all are None)."""
+    out = None
+    for m in masks:
+        if m is not None:
+            out = m if out is None else out & m
+    return out

@@ -1,0 +1,209 @@
+"""Parameter-holding attention layers (Flax NNX). The math lives in ``attention.py``.
+
+Parameter names and layouts are identical in ``relattn_torch.modules`` (they are the
+names in the weight file):
+
+    w_q, w_k, w_v  [E, N, H]    input projections      b_q, b_k, b_v  [N, H]
+    w_o            [N, H, E]    output projection      b_o            [E]
+    rel_k, rel_v   [R, H] or [R, N, H], R = 2 * max_distance + 1 (Shaw tables)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import _spec
+from .attention import relative_attention
+from .positions import relative_position_ids
+
+
+class RelativeMultiHeadAttention(nnx.Module):
+    """Multi-head attention with Shaw-style clipped relative positions.
+
+    Args:
+        embed_dim: model width E of inputs and output.
+        num_heads: number of heads N.
+        head_dim: per-head width H; default embed_dim // num_heads.
+        max_distance: clipping distance k; the tables have 2k + 1 rows.
+        relative_keys: learn a key-side table a^K.
+        relative_values: learn a value-side table a^V.
+        share_relative_heads: one table row [H] for all heads, else per head [N, H].
+        bias: biases on the four projections.
+        dropout: dropout on the attention weights; active unless ``deterministic``
+            (``module.eval()`` sets it), drawing keys from ``rngs.dropout``.
+        scale: logit scale; default 1 / sqrt(head_dim).
+        dtype: compute dtype; default the promoted dtype of inputs and parameters.
+        param_dtype: parameter dtype (float32).
+        deterministic: default for the call argument of the same name.
+        rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` if dropout > 0).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        max_distance: int = 16,
+        relative_keys: bool = True,
+        relative_values: bool = True,
+        share_relative_heads: bool = True,
+        bias: bool = True,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        deterministic: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        head_dim = _spec.check_heads(embed_dim, num_heads, head_dim)
+        _spec.check_positions(0, 0, max_distance)
+        _spec.check_dropout(dropout)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.max_distance, self.dropout, self.scale = max_distance, dropout, scale
+        self.dtype, self.param_dtype, self.deterministic = dtype, param_dtype, deterministic
+        E, N, H = embed_dim, num_heads, head_dim
+        self.w_q = _normal(rngs, (E, N, H), 1 / math.sqrt(E), param_dtype)
+        self.w_k = _normal(rngs, (E, N, H), 1 / math.sqrt(E), param_dtype)
+        self.w_v = _normal(rngs, (E, N, H), 1 / math.sqrt(E), param_dtype)
+        self.w_o = _normal(rngs, (N, H, E), 1 / math.sqrt(N * H), param_dtype)
+        self.b_q = nnx.Param(jnp.zeros((N, H), param_dtype)) if bias else None
+        self.b_k = nnx.Param(jnp.zeros((N, H), param_dtype)) if bias else None
+        self.b_v = nnx.Param(jnp.zeros((N, H), param_dtype)) if bias else None
+        self.b_o = nnx.Param(jnp.zeros((E,), param_dtype)) if bias else None
+        table = (2 * max_distance + 1, H) if share_relative_heads else (2 * max_distance + 1, N, H)
+        self.rel_k = _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if relative_keys else None
+        self.rel_v = _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if relative_values else None
+        self.rngs = rngs.dropout.fork() if dropout > 0 else None
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array | None = None,
+        value: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        is_causal: bool = False,
+        q_offset: int | jax.Array | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Attend from ``query`` to ``key``/``value`` with relative positions.
+
+        Args:
+            query: [B, T, E].
+            key: [B, S, E]; default ``query`` (self-attention).
+            value: [B, S, E]; default ``key``.
+            mask: bool, broadcastable to [B, N, T, S]; True = may attend.
+            is_causal: key j visible to query i iff j <= i + (S - T).
+            q_offset: position of query 0 among the keys for the relative ids;
+                default S - T (the queries are the last T key positions, matching
+                ``is_causal``; 0 for self-attention).
+            deterministic: disable dropout; default the module's attribute.
+            rngs: dropout keys for this call; default the module's own stream.
+
+        Returns:
+            [B, T, E].
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        _spec.check_model_input("query", tuple(query.shape), self.embed_dim)
+        _spec.check_model_input("key", tuple(key.shape), self.embed_dim, batch=query.shape[0])
+        if tuple(value.shape) != tuple(key.shape):
+            raise ValueError(f"value must have the shape of key {_spec.fmt(key.shape)}, got {_spec.fmt(value.shape)}")
+        dtype = _compute_dtype(self.dtype, self.param_dtype, query=query, key=key, value=value)
+        T, S = query.shape[1], key.shape[1]
+        q = _project(query, self.w_q, self.b_q, dtype)  # [B, T, N, H]
+        k = _project(key, self.w_k, self.b_k, dtype)  # [B, S, N, H]
+        v = _project(value, self.w_v, self.b_v, dtype)  # [B, S, N, H]
+        rel_ids = None
+        if self.rel_k is not None or self.rel_v is not None:
+            offset = S - T if q_offset is None else q_offset
+            rel_ids = relative_position_ids(T, S, self.max_distance, q_offset=offset)
+        dropout_p, dropout_rng = _dropout(self.dropout, self.deterministic, deterministic, self.rngs, rngs)
+        z = relative_attention(
+            q, k, v, _value(self.rel_k, dtype), _value(self.rel_v, dtype), rel_ids=rel_ids, mask=mask,
+            is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
+        )  # [B, T, N, H]
+        out = jnp.einsum("BTNH,NHE->BTE", z, _value(self.w_o, dtype))
+        return out if self.b_o is None else out + _value(self.b_o, dtype)
+
+
+class RelationAwareAttention(nnx.Module):
+    """The seed-1 layer: per-head projections W [N, H, H] and caller-supplied relations.
+
+    Args:
+        num_heads: N.
+        head_dim: H (input and output features per head).
+        scale: logit scale; default 1 / sqrt(head_dim).
+        dropout: dropout on the attention weights unless ``deterministic``.
+        dtype, param_dtype: compute and parameter dtypes.
+        deterministic: default for the call argument of the same name.
+        rngs: ``nnx.Rngs``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, scale: float | None = None, dropout: float = 0.0,
+                 dtype=None, param_dtype=jnp.float32, deterministic: bool = False, rngs: nnx.Rngs):
+        _spec.check_heads(num_heads * head_dim if isinstance(head_dim, int) else 1, num_heads, head_dim)
+        _spec.check_dropout(dropout)
+        self.num_heads, self.head_dim, self.scale, self.dropout = num_heads, head_dim, scale, dropout
+        self.dtype, self.param_dtype, self.deterministic = dtype, param_dtype, deterministic
+        shape, std = (num_heads, head_dim, head_dim), 1 / math.sqrt(head_dim)
+        self.w_q = _normal(rngs, shape, std, param_dtype)
+        self.w_k = _normal(rngs, shape, std, param_dtype)
+        self.w_v = _normal(rngs, shape, std, param_dtype)
+        self.rngs = rngs.dropout.fork() if dropout > 0 else None
+
+    def __call__(self, x, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False,
+                 deterministic: bool | None = None, rngs: nnx.Rngs | None = None):
+        """x [B, S, N, H] -> [B, S, N, H]; rel_k/rel_v/rel_ids as in ``relative_attention``."""
+        want = (self.num_heads, self.head_dim)
+        if x.ndim != 4 or tuple(x.shape[2:]) != want:
+            raise ValueError(f"x must be [B, S, N, H] = [B, S, {want[0]}, {want[1]}], got shape {_spec.fmt(x.shape)}")
+        dtype = _compute_dtype(self.dtype, self.param_dtype, x=x)
+        x = x.astype(dtype)
+        q = jnp.einsum("BSNI,NIH->BSNH", x, _value(self.w_q, dtype))
+        k = jnp.einsum("BSNI,NIH->BSNH", x, _value(self.w_k, dtype))
+        v = jnp.einsum("BSNI,NIH->BSNH", x, _value(self.w_v, dtype))
+        dropout_p, dropout_rng = _dropout(self.dropout, self.deterministic, deterministic, self.rngs, rngs)
+        return relative_attention(
+            q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal, scale=self.scale,
+            dropout_p=dropout_p, dropout_rng=dropout_rng,
+        )
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(std, dtype))
+
+
+def _value(param, dtype):
+    return None if param is None else param[...].astype(dtype)
+
+
+def _project(x, w, b, dtype):
+    y = jnp.einsum("BTE,ENH->BTNH", x.astype(dtype), _value(w, dtype))
+    return y if b is None else y + _value(b, dtype)
+
+
+def _compute_dtype(dtype, param_dtype, **inputs):
+    for name, x in inputs.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    if dtype is not None:
+        return dtype
+    return jnp.result_type(param_dtype, *(x.dtype for x in inputs.values()))
+
+
+def _dropout(rate, default_deterministic, deterministic, own_rngs, rngs):
+    """(dropout_p, key) for this call; (0.0, None) when dropout is off."""
+    deterministic = default_deterministic if deterministic is None else deterministic
+    if rate == 0.0 or deterministic:
+        return 0.0, None
+    stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else (rngs if rngs is not None else own_rngs)
+    if stream is None:
+        raise ValueError("dropout is active but no rngs were given: pass rngs=nnx.Rngs(dropout=...) or call .eval()")
+    return rate, stream()

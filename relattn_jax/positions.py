@@ -1,0 +1,26 @@
+"""Shaw-style clipped relative-position ids."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import _spec
+
+
+def relative_position_ids(q_len: int, k_len: int, max_distance: int, *, q_offset: int | jax.Array = 0) -> jax.Array:
+    """Relation ids for relative positions, clipped at +-max_distance.
+
+    Entry [i, j] is clip(j - (i + q_offset), -max_distance, max_distance) + max_distance,
+    an int32 array [q_len, k_len] with values in [0, 2 * max_distance]. The
+    tensor2tensor convention (key minus query). ``q_offset`` may be traced. For
+    q_len = k_len = 3, max_distance = 1::
+
+        [[1, 2, 2],
+         [0, 1, 2],
+         [0, 0, 1]]
+    """
+    _spec.check_positions(q_len, k_len, max_distance)
+    i = jnp.arange(q_len, dtype=jnp.int32)[:, None] + jnp.asarray(q_offset, jnp.int32)
+    j = jnp.arange(k_len, dtype=jnp.int32)[None, :]
+    return jnp.clip(j - i, -max_distance, max_distance) + max_distance

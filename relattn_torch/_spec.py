@@ -1,0 +1,173 @@
+"""Framework-free shape and dtype checks for relative attention.
+
+This file is byte-identical in ``relattn_torch`` and ``relattn_jax`` (a test
+enforces it), so both packages accept exactly the same inputs and raise the
+same errors. It works on plain tuples of ints so it never imports a framework.
+
+Dimension legend: B batch, T query length, S key length, N heads, H head dim,
+R relation ids, E model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Shape = tuple[int, ...]
+
+# Dense edge tensors: accepted rank -> the named dims of that rank.
+_DENSE_LAYOUTS = {3: "TSH", 4: "TSNH", 5: "BTSNH"}
+# Relation tables: accepted rank -> named dims.
+_TABLE_LAYOUTS = {2: "RH", 3: "RNH"}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes read off q [B, T, N, H] and k, v [B, S, N, H]."""
+
+    B: int
+    T: int
+    S: int
+    N: int
+    H: int
+
+
+def fmt(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def check_qkv(q_shape: Shape, k_shape: Shape, v_shape: Shape) -> Dims:
+    """Validate q [B, T, N, H], k [B, S, N, H], v [B, S, N, H]; return the sizes."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(
+                f"{name} must have 4 dims {'[B, T, N, H]' if name == 'q' else '[B, S, N, H]'}, "
+                f"got shape {fmt(shape)}"
+            )
+    B, T, N, H = q_shape
+    if tuple(k_shape) != tuple(v_shape):
+        raise ValueError(f"k and v must have the same shape [B, S, N, H], got k {fmt(k_shape)} and v {fmt(v_shape)}")
+    Bk, S, Nk, Hk = k_shape
+    if (Bk, Nk, Hk) != (B, N, H):
+        raise ValueError(
+            f"k must be [B, S, N, H] = [{B}, S, {N}, {H}] to match q {fmt(q_shape)}, got {fmt(k_shape)}"
+        )
+    return Dims(B=B, T=T, S=S, N=N, H=H)
+
+
+def check_float_dtypes(named_dtypes, is_floating) -> None:
+    """All named arrays must share one floating dtype (the first one's)."""
+    (first_name, first), *rest = named_dtypes
+    if not is_floating(first):
+        raise TypeError(f"{first_name} must be a floating dtype, got {first}")
+    for name, dtype in rest:
+        if dtype != first:
+            raise TypeError(f"{name} must have the same dtype as {first_name} ({first}), got {dtype}")
+
+
+def dense_edge_layout(name: str, shape: Shape, d: Dims) -> tuple[str, Shape, Shape]:
+    """Einsum letters for a dense edge tensor, its squeezed shape and its broadcast shape.
+
+    Accepts [T, S, H] (shared by heads), [T, S, N, H] and [B, T, S, N, H], where any
+    of B, T, S, N may be 1 (broadcast). A size-1 B or N is dropped from the letters
+    (the einsum broadcasts it for free); a size-1 T or S is expanded. Returns e.g.
+    ('TSH', (T, S, H), (T, S, H)) or ('TSNH', (1, S, N, H), (T, S, N, H)).
+    """
+    layout = _DENSE_LAYOUTS.get(len(shape))
+    expected = (
+        f"[T, S, H] = {fmt((d.T, d.S, d.H))}, [T, S, N, H] = {fmt((d.T, d.S, d.N, d.H))} "
+        f"or [B, T, S, N, H] = {fmt((d.B, d.T, d.S, d.N, d.H))}"
+    )
+    if layout is None:
+        raise ValueError(f"{name} (dense edges) must be {expected}, got shape {fmt(shape)}")
+    full = {"B": d.B, "T": d.T, "S": d.S, "N": d.N, "H": d.H}
+    letters, squeezed, target = [], [], []
+    for letter, size in zip(layout, shape):
+        want = full[letter]
+        if size != want and not (size == 1 and letter != "H"):
+            raise ValueError(
+                f"{name} (dense edges) must be {expected} (size-1 dims broadcast), got shape {fmt(shape)}: "
+                f"dim {letter} is {size}, expected {want}"
+            )
+        if size == 1 and letter in "BN" and want != 1:
+            continue
+        letters.append(letter)
+        squeezed.append(size)
+        target.append(want)
+    return "".join(letters), tuple(squeezed), tuple(target)
+
+
+def table_layout(name: str, shape: Shape, d: Dims) -> str:
+    """Einsum letters for a relation table: 'RH' for [R, H], 'RNH' for [R, N, H]."""
+    layout = _TABLE_LAYOUTS.get(len(shape))
+    expected = f"[R, H] = [R, {d.H}] or [R, N, H] = [R, {d.N}, {d.H}]"
+    if layout is None or shape[-1] != d.H or (layout == "RNH" and shape[1] != d.N) or shape[0] < 1:
+        raise ValueError(f"{name} (relation table, since rel_ids is given) must be {expected}, got shape {fmt(shape)}")
+    return layout
+
+
+def check_rel_ids_shape(shape: Shape, d: Dims) -> None:
+    """rel_ids must be [T, S] or [B, T, S] (B may be 1)."""
+    ok = (len(shape) == 2 and tuple(shape) == (d.T, d.S)) or (
+        len(shape) == 3 and tuple(shape[1:]) == (d.T, d.S) and shape[0] in (1, d.B)
+    )
+    if not ok:
+        raise ValueError(
+            f"rel_ids must be [T, S] = {fmt((d.T, d.S))} or [B, T, S] = {fmt((d.B, d.T, d.S))}, got shape {fmt(shape)}"
+        )
+
+
+def check_rel_ids_range(lo: int, hi: int, tables) -> None:
+    """Concrete rel_ids values must lie in [0, R) for every table given."""
+    for name, rows in tables:
+        if lo < 0 or hi >= rows:
+            raise ValueError(
+                f"rel_ids values must be in [0, R) = [0, {rows}) for {name} with R = {rows} rows, "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
+def check_mask_shape(shape: Shape, d: Dims) -> None:
+    """mask must broadcast to [B, N, T, S]."""
+    target = (d.B, d.N, d.T, d.S)
+    ok = len(shape) <= 4 and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+    if not ok:
+        raise ValueError(f"mask must broadcast to [B, N, T, S] = {fmt(target)}, got shape {fmt(shape)}")
+
+
+def check_rel_args(rel_k, rel_v, rel_ids) -> None:
+    if rel_ids is not None and rel_k is None and rel_v is None:
+        raise ValueError("rel_ids was given but both rel_k and rel_v are None; pass at least one relation table")
+
+
+def check_positions(q_len, k_len, max_distance) -> None:
+    for name, value in (("q_len", q_len), ("k_len", k_len), ("max_distance", max_distance)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def check_heads(embed_dim: int, num_heads: int, head_dim) -> int:
+    """Return the head dim; embed_dim must split evenly unless head_dim is given."""
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if head_dim is None:
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim explicitly"
+            )
+        return embed_dim // num_heads
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
+    return head_dim
+
+
+def check_dropout(p) -> None:
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+
+
+def check_model_input(name: str, shape: Shape, width: int, batch=None) -> None:
+    """Module inputs are [B, L, width]."""
+    if len(shape) != 3 or shape[-1] != width or (batch is not None and shape[0] != batch):
+        b = "B" if batch is None else str(batch)
+        raise ValueError(f"{name} must be [B, L, E] = [{b}, L, {width}], got shape {fmt(shape)}")

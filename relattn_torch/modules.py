@@ -1,0 +1,196 @@
+"""Parameter-holding attention layers (PyTorch). The math lives in ``attention.py``.
+
+Parameter names and layouts are identical in ``relattn_jax.modules`` (they are the
+names in the weight file):
+
+    w_q, w_k, w_v  [E, N, H]    input projections      b_q, b_k, b_v  [N, H]
+    w_o            [N, H, E]    output projection      b_o            [E]
+    rel_k, rel_v   [R, H] or [R, N, H], R = 2 * max_distance + 1 (Shaw tables)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _spec
+from .attention import relative_attention
+from .positions import relative_position_ids
+
+
+class RelativeMultiHeadAttention(nn.Module):
+    """Multi-head attention with Shaw-style clipped relative positions.
+
+    Args:
+        embed_dim: model width E of inputs and output.
+        num_heads: number of heads N.
+        head_dim: per-head width H; default embed_dim // num_heads.
+        max_distance: clipping distance k; the tables have 2k + 1 rows.
+        relative_keys: learn a key-side table a^K.
+        relative_values: learn a value-side table a^V.
+        share_relative_heads: one table row [H] for all heads, else per head [N, H].
+        bias: biases on the four projections.
+        dropout: dropout on the attention weights, active in ``.train()`` mode only.
+        scale: logit scale; default 1 / sqrt(head_dim).
+        device, dtype: factory arguments for the parameters, as in ``torch.nn``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        max_distance: int = 16,
+        relative_keys: bool = True,
+        relative_values: bool = True,
+        share_relative_heads: bool = True,
+        bias: bool = True,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        head_dim = _spec.check_heads(embed_dim, num_heads, head_dim)
+        _spec.check_positions(0, 0, max_distance)
+        _spec.check_dropout(dropout)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.max_distance, self.dropout, self.scale = max_distance, dropout, scale
+        E, N, H = embed_dim, num_heads, head_dim
+        new = dict(device=device, dtype=dtype)
+        self.w_q = nn.Parameter(torch.empty(E, N, H, **new))
+        self.w_k = nn.Parameter(torch.empty(E, N, H, **new))
+        self.w_v = nn.Parameter(torch.empty(E, N, H, **new))
+        self.w_o = nn.Parameter(torch.empty(N, H, E, **new))
+        for name, shape in (("b_q", (N, H)), ("b_k", (N, H)), ("b_v", (N, H)), ("b_o", (E,))):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **new)) if bias else None)
+        table = (2 * max_distance + 1, H) if share_relative_heads else (2 * max_distance + 1, N, H)
+        self.rel_k = nn.Parameter(torch.empty(table, **new)) if relative_keys else None
+        self.rel_v = nn.Parameter(torch.empty(table, **new)) if relative_values else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 1/fan_in) kernels, zero biases, Normal(0, 1/H) tables."""
+        E, N, H = self.embed_dim, self.num_heads, self.head_dim
+        for w in (self.w_q, self.w_k, self.w_v):
+            nn.init.normal_(w, std=1 / math.sqrt(E))
+        nn.init.normal_(self.w_o, std=1 / math.sqrt(N * H))
+        for p in (self.b_q, self.b_k, self.b_v, self.b_o):
+            if p is not None:
+                nn.init.zeros_(p)
+        for t in (self.rel_k, self.rel_v):
+            if t is not None:
+                nn.init.normal_(t, std=1 / math.sqrt(H))
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        q_offset: int | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``query`` to ``key``/``value`` with relative positions.
+
+        Args:
+            query: [B, T, E].
+            key: [B, S, E]; default ``query`` (self-attention).
+            value: [B, S, E]; default ``key``.
+            mask: bool, broadcastable to [B, N, T, S]; True = may attend.
+            is_causal: key j visible to query i iff j <= i + (S - T).
+            q_offset: position of query 0 among the keys for the relative ids;
+                default S - T (the queries are the last T key positions, matching
+                ``is_causal``; 0 for self-attention).
+
+        Returns:
+            [B, T, E].
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        _spec.check_model_input("query", tuple(query.shape), self.embed_dim)
+        _spec.check_model_input("key", tuple(key.shape), self.embed_dim, batch=query.shape[0])
+        if tuple(value.shape) != tuple(key.shape):
+            raise ValueError(f"value must have the shape of key {_spec.fmt(key.shape)}, got {_spec.fmt(value.shape)}")
+        _check_dtype(self.w_q.dtype, query=query, key=key, value=value)
+        T, S = query.shape[1], key.shape[1]
+        q = _project(query, self.w_q, self.b_q)  # [B, T, N, H]
+        k = _project(key, self.w_k, self.b_k)  # [B, S, N, H]
+        v = _project(value, self.w_v, self.b_v)  # [B, S, N, H]
+        rel_ids = None
+        if self.rel_k is not None or self.rel_v is not None:
+            offset = S - T if q_offset is None else q_offset
+            rel_ids = relative_position_ids(T, S, self.max_distance, q_offset=offset, device=query.device)
+        z = relative_attention(
+            q, k, v, self.rel_k, self.rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
+            scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+        )  # [B, T, N, H]
+        out = torch.einsum("BTNH,NHE->BTE", z, self.w_o)
+        return out if self.b_o is None else out + self.b_o
+
+    def extra_repr(self) -> str:
+        table = None if self.rel_k is None and self.rel_v is None else tuple((self.rel_k if self.rel_k is not None else self.rel_v).shape)
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"max_distance={self.max_distance}, tables={table}, dropout={self.dropout}"
+        )
+
+
+class RelationAwareAttention(nn.Module):
+    """The seed-1 layer: per-head projections W [N, H, H] and caller-supplied relations.
+
+    Args:
+        num_heads: N.
+        head_dim: H (input and output features per head).
+        scale: logit scale; default 1 / sqrt(head_dim).
+        dropout: dropout on the attention weights in ``.train()`` mode.
+        device, dtype: factory arguments.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, scale: float | None = None, dropout: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        _spec.check_heads(num_heads * head_dim if isinstance(head_dim, int) else 1, num_heads, head_dim)
+        _spec.check_dropout(dropout)
+        self.num_heads, self.head_dim, self.scale, self.dropout = num_heads, head_dim, scale, dropout
+        new = dict(device=device, dtype=dtype)
+        self.w_q = nn.Parameter(torch.empty(num_heads, head_dim, head_dim, **new))
+        self.w_k = nn.Parameter(torch.empty(num_heads, head_dim, head_dim, **new))
+        self.w_v = nn.Parameter(torch.empty(num_heads, head_dim, head_dim, **new))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w_q, self.w_k, self.w_v):
+            nn.init.normal_(w, std=1 / math.sqrt(self.head_dim))
+
+    def forward(self, x: torch.Tensor, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False):
+        """x [B, S, N, H] -> [B, S, N, H]; rel_k/rel_v/rel_ids as in ``relative_attention``."""
+        want = (self.num_heads, self.head_dim)
+        if x.dim() != 4 or tuple(x.shape[2:]) != want:
+            raise ValueError(f"x must be [B, S, N, H] = [B, S, {want[0]}, {want[1]}], got shape {_spec.fmt(x.shape)}")
+        _check_dtype(self.w_q.dtype, x=x)
+        q = torch.einsum("BSNI,NIH->BSNH", x, self.w_q)
+        k = torch.einsum("BSNI,NIH->BSNH", x, self.w_k)
+        v = torch.einsum("BSNI,NIH->BSNH", x, self.w_v)
+        return relative_attention(
+            q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = torch.einsum("BTE,ENH->BTNH", x, w)
+    return y if b is None else y + b
+
+
+def _check_dtype(param_dtype, **inputs) -> None:
+    for name, t in inputs.items():
+        if t.dtype != param_dtype:
+            raise TypeError(
+                f"{name} must have the parameters' dtype {param_dtype}, got {t.dtype} "
+                f"(cast the input, or the module with .to({t.dtype}))"
+            )
