@@ -18,6 +18,7 @@ from flax import nnx
 
 from . import _spec
 from .attention import relative_attention
+from .cache import KVCache, attend_cache, check_cache_call, init_kv_cache
 from .positions import relative_position_ids
 
 
@@ -91,7 +92,8 @@ class RelativeMultiHeadAttention(nnx.Module):
         q_offset: int | jax.Array | None = None,
         deterministic: bool | None = None,
         rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Attend from ``query`` to ``key``/``value`` with relative positions.
 
         Args:
@@ -105,10 +107,17 @@ class RelativeMultiHeadAttention(nnx.Module):
                 ``is_causal``; 0 for self-attention).
             deterministic: disable dropout; default the module's attribute.
             rngs: dropout keys for this call; default the module's own stream.
+            cache: a ``KVCache`` from ``init_cache`` (self-attention only, key, value
+                and q_offset must be None). The keys/values of ``query`` are appended at
+                positions [length, length + T) and the queries attend causally over
+                the whole cache with q_offset = length. ``mask`` then covers the
+                buffer, S = max_length (e.g. a per-sequence padding mask).
 
         Returns:
-            [B, T, E].
+            [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
         """
+        if cache is not None:
+            check_cache_call(key, value, q_offset)
         key = query if key is None else key
         value = key if value is None else value
         _spec.check_model_input("query", tuple(query.shape), self.embed_dim)
@@ -116,10 +125,12 @@ class RelativeMultiHeadAttention(nnx.Module):
         if tuple(value.shape) != tuple(key.shape):
             raise ValueError(f"value must have the shape of key {_spec.fmt(key.shape)}, got {_spec.fmt(value.shape)}")
         dtype = _compute_dtype(self.dtype, self.param_dtype, query=query, key=key, value=value)
-        T, S = query.shape[1], key.shape[1]
         q = _project(query, self.w_q, self.b_q, dtype)  # [B, T, N, H]
         k = _project(key, self.w_k, self.b_k, dtype)  # [B, S, N, H]
         v = _project(value, self.w_v, self.b_v, dtype)  # [B, S, N, H]
+        if cache is not None:  # k, v become the buffers [B, max_length, N, H]
+            k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask)
+        T, S = q.shape[1], k.shape[1]
         rel_ids = None
         if self.rel_k is not None or self.rel_v is not None:
             offset = S - T if q_offset is None else q_offset
@@ -130,7 +141,17 @@ class RelativeMultiHeadAttention(nnx.Module):
             is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
         )  # [B, T, N, H]
         out = jnp.einsum("BTNH,NHE->BTE", z, _value(self.w_o, dtype))
-        return out if self.b_o is None else out + _value(self.b_o, dtype)
+        out = out if self.b_o is None else out + _value(self.b_o, dtype)
+        return out if cache is None else (out, cache)
+
+    def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> KVCache:
+        """An empty ``KVCache`` for ``__call__(x, cache=...)``: buffers [B, max_length, N, H].
+
+        dtype defaults to the compute dtype (``dtype``, else ``param_dtype``); it must
+        equal the dtype the keys are computed in.
+        """
+        dtype = (self.dtype or self.param_dtype) if dtype is None else dtype
+        return init_kv_cache(batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype)
 
 
 class RelationAwareAttention(nnx.Module):

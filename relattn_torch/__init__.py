@@ -4,15 +4,25 @@ The twin of ``relattn_jax``: same names, same equations, same weight layout.
 """
 
 from .attention import masked_softmax, relative_attention
+from .cache import KVCache
+from .generate import generate
 from .masks import causal_mask, combine_masks, padding_mask
 from .modules import RelationAwareAttention, RelativeMultiHeadAttention
 from .positions import relative_position_ids
+from .interop import from_torch_mha
+from .weights import LoadResult, load_weights, save_weights
 
 __all__ = [
+    "LoadResult",
+    "from_torch_mha",
+    "load_weights",
+    "save_weights",
+    "KVCache",
     "RelationAwareAttention",
     "RelativeMultiHeadAttention",
     "causal_mask",
     "combine_masks",
+    "generate",
     "masked_softmax",
     "padding_mask",
     "relative_attention",

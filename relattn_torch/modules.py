@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _spec
 from .attention import relative_attention
+from .cache import KVCache, attend_cache, check_cache_call, init_kv_cache
 from .positions import relative_position_ids
 
 
@@ -94,7 +95,8 @@ class RelativeMultiHeadAttention(nn.Module):
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
         q_offset: int | None = None,
-    ) -> torch.Tensor:
+        cache: KVCache | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Attend from ``query`` to ``key``/``value`` with relative positions.
 
         Args:
@@ -106,10 +108,17 @@ class RelativeMultiHeadAttention(nn.Module):
             q_offset: position of query 0 among the keys for the relative ids;
                 default S - T (the queries are the last T key positions, matching
                 ``is_causal``; 0 for self-attention).
+            cache: a ``KVCache`` from ``init_cache`` (self-attention only, key, value
+                and q_offset must be None). The keys/values of ``query`` are appended at
+                positions [length, length + T) and the queries attend causally over
+                the whole cache with q_offset = length. ``mask`` then covers the
+                buffer, S = max_length (e.g. a per-sequence padding mask).
 
         Returns:
-            [B, T, E].
+            [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
         """
+        if cache is not None:
+            check_cache_call(key, value, q_offset)
         key = query if key is None else key
         value = key if value is None else value
         _spec.check_model_input("query", tuple(query.shape), self.embed_dim)
@@ -117,10 +126,12 @@ class RelativeMultiHeadAttention(nn.Module):
         if tuple(value.shape) != tuple(key.shape):
             raise ValueError(f"value must have the shape of key {_spec.fmt(key.shape)}, got {_spec.fmt(value.shape)}")
         _check_dtype(self.w_q.dtype, query=query, key=key, value=value)
-        T, S = query.shape[1], key.shape[1]
         q = _project(query, self.w_q, self.b_q)  # [B, T, N, H]
         k = _project(key, self.w_k, self.b_k)  # [B, S, N, H]
         v = _project(value, self.w_v, self.b_v)  # [B, S, N, H]
+        if cache is not None:  # k, v become the buffers [B, max_length, N, H]
+            k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask)
+        T, S = q.shape[1], k.shape[1]
         rel_ids = None
         if self.rel_k is not None or self.rel_v is not None:
             offset = S - T if q_offset is None else q_offset
@@ -130,7 +141,17 @@ class RelativeMultiHeadAttention(nn.Module):
             scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
         )  # [B, T, N, H]
         out = torch.einsum("BTNH,NHE->BTE", z, self.w_o)
-        return out if self.b_o is None else out + self.b_o
+        out = out if self.b_o is None else out + self.b_o
+        return out if cache is None else (out, cache)
+
+    def init_cache(self, batch_size: int, max_length: int, *, dtype=None, device=None) -> KVCache:
+        """An empty ``KVCache`` for ``forward(x, cache=...)``: buffers [B, max_length, N, H].
+
+        dtype and device default to the parameters'.
+        """
+        dtype = self.w_q.dtype if dtype is None else dtype
+        device = self.w_q.device if device is None else device
+        return init_kv_cache(batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype, device=device)
 
     def extra_repr(self) -> str:
         table = None if self.rel_k is None and self.rel_v is None else tuple((self.rel_k if self.rel_k is not None else self.rel_v).shape)

@@ -1,0 +1,118 @@
+"""A key/value cache for autoregressive decoding with relative positions (JAX).
+
+The cache is a pytree of fixed-size buffers k, v [B, S, N, H] (S = max_length) and
+the number of positions already written, ``length``, as an int32 scalar array.
+Every decode step sees the same shapes and dtypes, so a jitted step (or the body of
+a ``jax.lax.scan``/``fori_loop``) is traced and compiled once and never again as the
+cache fills. Updates are functional (``lax.dynamic_update_slice``); donate the cache
+to ``jax.jit`` to let XLA write in place.
+
+New keys/values go to positions [length, length + T). Queries then attend the whole
+buffer under the mask ``j <= i + length`` (causal with ``q_offset = length``), which
+also hides the unwritten slots, and use relative ids with ``q_offset = length``:
+exactly the ids of a full causal forward over the same sequence.
+
+The twin of ``relattn_torch/cache.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from . import _spec
+from .masks import causal_mask, combine_masks
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of the positions seen so far (a pytree).
+
+    Attributes:
+        k: keys [B, S, N, H], S = max_length; slots >= length hold stale data.
+        v: values [B, S, N, H].
+        length: int32 scalar array, the number of positions written.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[1]
+
+    def clone(self) -> "KVCache":
+        """The same cache (JAX arrays are immutable); for symmetry with PyTorch."""
+        return self
+
+
+def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=jnp.float32) -> KVCache:
+    """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros."""
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    k = jnp.zeros((batch_size, max_length, num_heads, head_dim), dtype)
+    return KVCache(k, jnp.zeros_like(k), jnp.zeros((), jnp.int32))
+
+
+def update_kv_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+    """Write k_new, v_new [B, T, N, H] at positions [length, length + T).
+
+    Raises ValueError on overflow (length + T > max_length) when the length is
+    concrete (eager mode). Under ``jit``/``scan`` the length is traced and cannot be
+    checked: ``dynamic_update_slice`` then clamps the start so the write fits,
+    silently overwriting the last slots with wrong positions. Size the cache for
+    prompt length + new tokens.
+    """
+    _check_update(cache, k_new, v_new)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, cache.length.astype(jnp.int32), zero, zero)
+    k = jax.lax.dynamic_update_slice(cache.k, k_new, start)
+    v = jax.lax.dynamic_update_slice(cache.v, v_new, start)
+    return KVCache(k, v, (cache.length + k_new.shape[1]).astype(jnp.int32))
+
+
+def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.Array | None):
+    """Append k_new, v_new [B, T, N, H] and return what attention over the cache needs.
+
+    Returns:
+        (k, v, mask, q_offset, new_cache): the buffers k, v [B, S, N, H]; the bool
+        mask (user mask AND j <= i + q_offset) broadcastable to [B, N, T, S]; the
+        position of the first new query, q_offset = the old length (scalar array);
+        and the updated cache.
+    """
+    offset = cache.length
+    new = update_kv_cache(cache, k_new, v_new)
+    visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset)  # [T, S]
+    return new.k, new.v, combine_masks(mask, visible), offset, new
+
+
+def check_cache_call(key, value, q_offset) -> None:
+    """A cache serves causal self-attention: no separate key/value, no q_offset."""
+    if key is not None or value is not None:
+        raise ValueError("cache is for self-attention: pass only query (key and value must be None) with cache=")
+    if q_offset is not None:
+        raise ValueError(f"q_offset must be None with cache= (the cache length is the offset), got {q_offset!r}")
+
+
+def _check_update(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+    B, T, N, H = k_new.shape
+    want = (B, cache.max_length, N, H)
+    if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want:
+        raise ValueError(
+            f"cache buffers must be [B, S, N, H] = {_spec.fmt(want)} for this input, "
+            f"got k {_spec.fmt(cache.k.shape)} and v {_spec.fmt(cache.v.shape)}"
+        )
+    if cache.k.dtype != k_new.dtype or cache.v.dtype != v_new.dtype:
+        raise TypeError(f"cache dtype must be the keys' dtype {k_new.dtype}, got {cache.k.dtype}")
+    if not isinstance(cache.length, jax.core.Tracer):
+        length = int(cache.length)
+        if length + T > cache.max_length:
+            raise ValueError(
+                f"cache overflow: cache length {length} + {T} new positions > max_length {cache.max_length}; "
+                f"create the cache with a larger max_length"
+            )

@@ -1,0 +1,126 @@
+"""A key/value cache for autoregressive decoding with relative positions (PyTorch).
+
+The cache holds fixed-size buffers k, v [B, S, N, H] (S = max_length) and the
+number of positions already written, ``length``, as a 0-d int64 tensor. Keeping
+``length`` a tensor (not a Python int) means ``torch.compile`` sees the same
+shapes and no changing constant at every step, so a compiled decode step compiles
+once and is reused as the cache fills.
+
+New keys/values go to positions [length, length + T). Queries then attend the whole
+buffer under the mask ``j <= i + length`` (causal with ``q_offset = length``), which
+also hides the unwritten slots, and use relative ids with ``q_offset = length``:
+exactly the ids of a full causal forward over the same sequence.
+
+The twin of ``relattn_jax/cache.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _spec
+from .masks import causal_mask, combine_masks
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far.
+
+    Attributes:
+        k: keys [B, S, N, H], S = max_length; slots >= length hold stale data.
+        v: values [B, S, N, H].
+        length: 0-d int64 tensor, the number of positions written.
+
+    Updates write into the buffers in place (like a static cache) when autograd is
+    not recording, so the returned cache shares them with the old one: the old
+    cache still reads its own prefix correctly, but to branch two continuations
+    from one cache, ``clone()`` it first. When autograd is recording the write is
+    out of place, so gradients through a cached forward stay correct.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: torch.Tensor
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[1]
+
+    def clone(self) -> "KVCache":
+        return KVCache(self.k.clone(), self.v.clone(), self.length.clone())
+
+
+def init_kv_cache(
+    batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=None, device=None
+) -> KVCache:
+    """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros."""
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    shape = (batch_size, max_length, num_heads, head_dim)
+    k = torch.zeros(shape, dtype=dtype, device=device)
+    return KVCache(k, torch.zeros_like(k), torch.zeros((), dtype=torch.int64, device=k.device))
+
+
+def update_kv_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
+    """Write k_new, v_new [B, T, N, H] at positions [length, length + T).
+
+    Raises ValueError on overflow (length + T > max_length) in eager mode. Under
+    ``torch.compile`` the length is not read on the host, so there is no check:
+    ``index_copy_`` then fails with an out-of-range index (a device-side assert on
+    CUDA); keep ``prompt length + new tokens <= max_length``.
+    """
+    _check_update(cache, k_new, v_new)
+    T = k_new.shape[1]
+    idx = cache.length + torch.arange(T, device=cache.k.device)  # [T]
+    if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
+        k, v = cache.k.index_copy(1, idx, k_new), cache.v.index_copy(1, idx, v_new)
+    else:
+        k, v = cache.k.index_copy_(1, idx, k_new), cache.v.index_copy_(1, idx, v_new)
+    return KVCache(k, v, cache.length + T)
+
+
+def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None):
+    """Append k_new, v_new [B, T, N, H] and return what attention over the cache needs.
+
+    Returns:
+        (k, v, mask, q_offset, new_cache): the buffers k, v [B, S, N, H]; the bool
+        mask (user mask AND j <= i + q_offset) broadcastable to [B, N, T, S]; the
+        position of the first new query, q_offset = the old length (0-d tensor); and
+        the updated cache.
+    """
+    offset = cache.length
+    new = update_kv_cache(cache, k_new, v_new)
+    visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset, device=cache.k.device)  # [T, S]
+    return new.k, new.v, combine_masks(mask, visible), offset, new
+
+
+def check_cache_call(key, value, q_offset) -> None:
+    """A cache serves causal self-attention: no separate key/value, no q_offset."""
+    if key is not None or value is not None:
+        raise ValueError("cache is for self-attention: pass only query (key and value must be None) with cache=")
+    if q_offset is not None:
+        raise ValueError(f"q_offset must be None with cache= (the cache length is the offset), got {q_offset!r}")
+
+
+def _check_update(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+    B, T, N, H = k_new.shape
+    want = (B, cache.max_length, N, H)
+    if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want:
+        raise ValueError(
+            f"cache buffers must be [B, S, N, H] = {_spec.fmt(want)} for this input, "
+            f"got k {_spec.fmt(cache.k.shape)} and v {_spec.fmt(cache.v.shape)}"
+        )
+    if cache.k.dtype != k_new.dtype or cache.v.dtype != v_new.dtype:
+        raise TypeError(f"cache dtype must be the keys' dtype {k_new.dtype}, got {cache.k.dtype}")
+    if not torch.compiler.is_compiling():
+        length = int(cache.length)
+        if length + T > cache.max_length:
+            raise ValueError(
+                f"cache overflow: cache length {length} + {T} new positions > max_length {cache.max_length}; "
+                f"create the cache with a larger max_length"
+            )

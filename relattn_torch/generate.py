@@ -1,0 +1,95 @@
+"""Autoregressive generation with a KV cache: greedy and seeded temperature sampling.
+
+Works with any model offering ``init_cache(batch_size, max_length, dtype=...)`` and
+``model(tokens [B, T], *, cache=...) -> (logits [B, T, V], cache)``, e.g. ``DecoderLM``.
+The twin of ``relattn_jax/generate.py`` (the same tokens for greedy decoding with the
+same weights; sampled tokens differ, the two frameworks' random streams differ).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _spec
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    prompt_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Continue ``prompt`` by ``max_new_tokens`` tokens, one cached step at a time.
+
+    Args:
+        model: see the module docstring; it is called as given (call ``.eval()``
+            first to disable dropout).
+        prompt: int tokens [B, P].
+        max_new_tokens: number of tokens to generate (>= 1).
+        temperature: 0 for greedy (argmax); > 0 samples from softmax(logits / temperature).
+        seed: seed of the sampling generator (ignored when greedy).
+        prompt_lengths: int [B], for a batch of right-padded prompts of different
+            lengths. The prompts are moved to the right (left padding), the pad slots
+            are hidden by a padding mask over the cache and the model is called with
+            ``mask=``. Relative positions are shift-invariant, so each row gets exactly
+            the tokens it would get alone (needs a relative-position model that
+            accepts ``mask=``).
+
+    Returns:
+        int [B, max_new_tokens], the new tokens only.
+    """
+    B, P = _check_args(prompt, max_new_tokens, temperature, prompt_lengths)
+    kw = {}
+    if prompt_lengths is not None:
+        prompt, kw["mask"] = left_pad(prompt, prompt_lengths, P + max_new_tokens)
+    gen = torch.Generator(device=prompt.device).manual_seed(seed) if temperature > 0 else None
+    cache = model.init_cache(B, P + max_new_tokens)
+    logits, cache = model(prompt, cache=cache, **kw)  # prefill
+    token = sample(logits[:, -1], temperature, gen)  # [B]
+    out = [token]
+    for _ in range(max_new_tokens - 1):
+        logits, cache = model(token[:, None], cache=cache, **kw)
+        token = sample(logits[:, -1], temperature, gen)
+        out.append(token)
+    return torch.stack(out, dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax if temperature == 0, else a seeded draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def left_pad(prompt: torch.Tensor, lengths: torch.Tensor, max_length: int):
+    """Right-padded prompts [B, P] with ``lengths`` [B] -> (left-padded [B, P], mask [B, 1, 1, max_length]).
+
+    Row b's ``lengths[b]`` tokens move to the end; the mask hides cache slots
+    j < P - lengths[b] (the pads) from every query.
+    """
+    B, P = prompt.shape
+    shift = P - lengths.to(prompt.device).long()  # [B]
+    src = (torch.arange(P, device=prompt.device)[None, :] - shift[:, None]) % P  # [B, P]
+    slot = torch.arange(max_length, device=prompt.device)
+    return torch.gather(prompt, 1, src), (slot[None, :] >= shift[:, None])[:, None, None, :]
+
+
+def _check_args(prompt, max_new_tokens, temperature, prompt_lengths) -> tuple[int, int]:
+    if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+        raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not float(temperature) >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    B, P = prompt.shape
+    if prompt_lengths is not None:
+        if tuple(prompt_lengths.shape) != (B,):
+            raise ValueError(f"prompt_lengths must be [B] = [{B}], got shape {_spec.fmt(prompt_lengths.shape)}")
+        if int(prompt_lengths.min()) < 1 or int(prompt_lengths.max()) > P:
+            raise ValueError(f"prompt_lengths must be in [1, P] = [1, {P}], got {prompt_lengths.tolist()}")
+    return B, P
