@@ -79,7 +79,7 @@ class RelativeMultiHeadAttention(nnx.Module):
         table = (2 * max_distance + 1, H) if share_relative_heads else (2 * max_distance + 1, N, H)
         self.rel_k = _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if relative_keys else None
         self.rel_v = _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if relative_values else None
-        self.rngs = rngs.dropout.fork() if dropout > 0 else None
+        self.rngs = rngs.dropout.fork() if dropout > 0 and hasattr(rngs, "dropout") else None
 
     def __call__(
         self,
@@ -177,7 +177,7 @@ class RelationAwareAttention(nnx.Module):
         self.w_q = _normal(rngs, shape, std, param_dtype)
         self.w_k = _normal(rngs, shape, std, param_dtype)
         self.w_v = _normal(rngs, shape, std, param_dtype)
-        self.rngs = rngs.dropout.fork() if dropout > 0 else None
+        self.rngs = rngs.dropout.fork() if dropout > 0 and hasattr(rngs, "dropout") else None
 
     def __call__(self, x, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False,
                  deterministic: bool | None = None, rngs: nnx.Rngs | None = None):
