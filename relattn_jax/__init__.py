@@ -5,6 +5,7 @@ The twin of ``relattn_torch``: same names, same equations, same weight layout.
 
 from .attention import masked_softmax, relative_attention
 from .cache import KVCache
+from .decoder import DecoderConfig, DecoderLM
 from .generate import generate
 from .masks import causal_mask, combine_masks, padding_mask
 from .modules import RelationAwareAttention, RelativeMultiHeadAttention
@@ -13,6 +14,8 @@ from .interop import from_nnx_mha
 from .weights import LoadResult, load_weights, save_weights
 
 __all__ = [
+    "DecoderConfig",
+    "DecoderLM",
     "LoadResult",
     "from_nnx_mha",
     "load_weights",

@@ -1,0 +1,200 @@
+"""A small decoder-only language model built on ``RelativeMultiHeadAttention`` (Flax NNX).
+
+The twin of ``relattn_torch.decoder``: the same config, the same parameter names and
+layouts (the weight-file names), the same equations. Parameters:
+
+    tok_emb                  [V, E]   token embedding
+    pos_emb                  [P, E]   learned absolute positions (``position="absolute"`` only)
+    blocks.{i}.ln1.scale/bias [E]     pre-attention LayerNorm
+    blocks.{i}.attn.*                 RelativeMultiHeadAttention (no rel_k/rel_v when absolute)
+    blocks.{i}.ln2.scale/bias [E]     pre-MLP LayerNorm
+    blocks.{i}.mlp.w_in [E, F], b_in [F], w_out [F, E], b_out [E]
+    ln_f.scale/bias          [E]      final LayerNorm
+    head                     [E, V]   output projection (untied)
+
+Dimension legend as in ``attention.py``, plus V vocabulary, F MLP width, P max positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .modules import RelativeMultiHeadAttention
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes of a ``DecoderLM``; identical fields in ``relattn_torch.decoder``.
+
+    ``position`` is ``"relative"`` (Shaw tables in every layer, no position embedding)
+    or ``"absolute"`` (learned ``pos_emb`` [max_len, E], attention without relative terms).
+    """
+
+    vocab_size: int = 128
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    mlp_dim: int = 256
+    max_distance: int = 8
+    max_len: int = 512
+    position: str = "relative"
+    share_relative_heads: bool = False
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.position not in ("relative", "absolute"):
+            raise ValueError(f"position must be 'relative' or 'absolute', got {self.position!r}")
+        for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "mlp_dim", "max_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def relative(self) -> bool:
+        return self.position == "relative"
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with ``scale``/``bias`` [E]; statistics in float32 for half inputs."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., E] -> [..., E] in x's dtype."""
+        h = x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+        mean = h.mean(-1, keepdims=True)
+        var = ((h - mean) ** 2).mean(-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.scale[...].astype(h.dtype) + self.bias[...].astype(h.dtype)).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """x -> gelu(x w_in + b_in) w_out + b_out, exact (erf) GELU."""
+
+    def __init__(self, dim: int, hidden: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.w_in = _normal(rngs, (dim, hidden), 1 / math.sqrt(dim), param_dtype)
+        self.b_in = nnx.Param(jnp.zeros((hidden,), param_dtype))
+        self.w_out = _normal(rngs, (hidden, dim), 1 / math.sqrt(hidden), param_dtype)
+        self.b_out = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, E] -> [B, T, E]."""
+        h = jnp.einsum("BTE,EF->BTF", x, self.w_in[...].astype(x.dtype)) + self.b_in[...].astype(x.dtype)
+        h = jax.nn.gelu(h, approximate=False)
+        return jnp.einsum("BTF,FE->BTE", h, self.w_out[...].astype(x.dtype)) + self.b_out[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.ln1 = LayerNorm(cfg.embed_dim, cfg.ln_eps, param_dtype=param_dtype)
+        self.attn = RelativeMultiHeadAttention(
+            cfg.embed_dim, cfg.num_heads, max_distance=cfg.max_distance, relative_keys=cfg.relative,
+            relative_values=cfg.relative, share_relative_heads=cfg.share_relative_heads, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )
+        self.ln2 = LayerNorm(cfg.embed_dim, cfg.ln_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, cache=None):
+        """x [B, T, E] -> [B, T, E] (and the layer's new cache when one is given)."""
+        if cache is None:
+            x = x + self.attn(self.ln1(x), is_causal=True)
+        else:
+            a, cache = self.attn(self.ln1(x), is_causal=True, cache=cache)
+            x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return x if cache is None else (x, cache)
+
+
+class DecoderLM(nnx.Module):
+    """Causal decoder LM: embedding, ``num_layers`` pre-norm blocks, final LayerNorm, head.
+
+    Args:
+        cfg: ``DecoderConfig``.
+        dtype: compute dtype (e.g. ``jnp.bfloat16``); default the parameter dtype.
+        param_dtype: parameter dtype (float32).
+        rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        E = cfg.embed_dim
+        self.tok_emb = _normal(rngs, (cfg.vocab_size, E), 1.0, param_dtype)
+        self.pos_emb = None if cfg.relative else _normal(rngs, (cfg.max_len, E), 1.0, param_dtype)
+        self.blocks = nnx.List(
+            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
+        self.ln_f = LayerNorm(E, cfg.ln_eps, param_dtype=param_dtype)
+        self.head = _normal(rngs, (E, cfg.vocab_size), 1 / math.sqrt(E), param_dtype)
+
+    def __call__(self, tokens: jax.Array, *, cache=None):
+        """Next-token logits.
+
+        Args:
+            tokens: int [B, T].
+            cache: optional per-layer KV caches from ``init_cache``; the tokens then
+                continue the cached sequence (absolute positions start at its length).
+
+        Returns:
+            logits [B, T, V] in float32 (or the parameter dtype), or
+            ``(logits, new_cache)`` when ``cache`` is given.
+        """
+        _check_tokens(tokens, self.cfg)
+        dtype = self.dtype or self.tok_emb[...].dtype
+        x = jnp.take(self.tok_emb[...], tokens, axis=0).astype(dtype)  # [B, T, E]
+        if self.pos_emb is not None:
+            start = 0 if cache is None else _cache_length(cache[0])
+            pos = jax.lax.dynamic_slice_in_dim(self.pos_emb[...], start, tokens.shape[1], axis=0)
+            x = x + pos.astype(dtype)[None]
+        new_cache = None if cache is None else []
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x = block(x)
+            else:
+                x, layer_cache = block(x, cache=cache[i])
+                new_cache.append(layer_cache)
+        x = self.ln_f(x)
+        out_dtype = jnp.promote_types(self.head[...].dtype, jnp.float32)
+        logits = jnp.einsum("BTE,EV->BTV", x, self.head[...].astype(dtype)).astype(out_dtype)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+        """One attention KV cache per layer (a list), each from ``attn.init_cache``."""
+        if not self.cfg.relative and max_length > self.cfg.max_len:
+            raise ValueError(f"max_length must be <= max_len ({self.cfg.max_len}) for absolute positions, got {max_length}")
+        dtype = dtype or self.dtype or self.tok_emb[...].dtype
+        return [block.attn.init_cache(batch_size, max_length, dtype=dtype) for block in self.blocks]
+
+
+def _check_tokens(tokens, cfg: DecoderConfig) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape [{', '.join(map(str, tokens.shape))}]")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
+    if not cfg.relative and tokens.shape[1] > cfg.max_len:
+        raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
+
+
+def _cache_length(layer_cache):
+    """Number of positions already in a layer cache (its ``length`` / ``index`` field)."""
+    for name in ("length", "index", "end", "pos"):
+        value = getattr(layer_cache, name, None)
+        if value is None and isinstance(layer_cache, dict):
+            value = layer_cache.get(name)
+        if value is not None:
+            return value[...] if isinstance(value, nnx.Variable) else value
+    raise TypeError(f"cannot read the cached length from a {type(layer_cache).__name__}")
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(std, dtype))

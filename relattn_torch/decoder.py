@@ -1,0 +1,193 @@
+"""A small decoder-only language model built on ``RelativeMultiHeadAttention`` (PyTorch).
+
+The twin of ``relattn_jax.decoder``: the same config, the same parameter names and
+layouts (the weight-file names), the same equations. Parameters:
+
+    tok_emb                  [V, E]   token embedding
+    pos_emb                  [P, E]   learned absolute positions (``position="absolute"`` only)
+    blocks.{i}.ln1.scale/bias [E]     pre-attention LayerNorm
+    blocks.{i}.attn.*                 RelativeMultiHeadAttention (no rel_k/rel_v when absolute)
+    blocks.{i}.ln2.scale/bias [E]     pre-MLP LayerNorm
+    blocks.{i}.mlp.w_in [E, F], b_in [F], w_out [F, E], b_out [E]
+    ln_f.scale/bias          [E]      final LayerNorm
+    head                     [E, V]   output projection (untied)
+
+Dimension legend as in ``attention.py``, plus V vocabulary, F MLP width, P max positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import RelativeMultiHeadAttention
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes of a ``DecoderLM``; identical fields in ``relattn_jax.decoder``.
+
+    ``position`` is ``"relative"`` (Shaw tables in every layer, no position embedding)
+    or ``"absolute"`` (learned ``pos_emb`` [max_len, E], attention without relative terms).
+    """
+
+    vocab_size: int = 128
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    mlp_dim: int = 256
+    max_distance: int = 8
+    max_len: int = 512
+    position: str = "relative"
+    share_relative_heads: bool = False
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.position not in ("relative", "absolute"):
+            raise ValueError(f"position must be 'relative' or 'absolute', got {self.position!r}")
+        for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "mlp_dim", "max_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def relative(self) -> bool:
+        return self.position == "relative"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with ``scale``/``bias`` [E]; statistics in float32 for half inputs."""
+
+    def __init__(self, dim: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., E] -> [..., E] in x's dtype."""
+        h = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        mean = h.mean(-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(-1, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + self.eps)
+        return (h * self.scale.to(h.dtype) + self.bias.to(h.dtype)).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """x -> gelu(x w_in + b_in) w_out + b_out, exact (erf) GELU."""
+
+    def __init__(self, dim: int, hidden: int, *, device=None, dtype=None):
+        super().__init__()
+        new = dict(device=device, dtype=dtype)
+        self.w_in = nn.Parameter(torch.empty(dim, hidden, **new))
+        self.b_in = nn.Parameter(torch.zeros(hidden, **new))
+        self.w_out = nn.Parameter(torch.empty(hidden, dim, **new))
+        self.b_out = nn.Parameter(torch.zeros(dim, **new))
+        nn.init.normal_(self.w_in, std=1 / math.sqrt(dim))
+        nn.init.normal_(self.w_out, std=1 / math.sqrt(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, E] -> [B, T, E]."""
+        h = F.gelu(torch.einsum("BTE,EF->BTF", x, self.w_in) + self.b_in)
+        return torch.einsum("BTF,FE->BTE", h, self.w_out) + self.b_out
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, device=None, dtype=None):
+        super().__init__()
+        new = dict(device=device, dtype=dtype)
+        self.ln1 = LayerNorm(cfg.embed_dim, cfg.ln_eps, **new)
+        self.attn = RelativeMultiHeadAttention(
+            cfg.embed_dim, cfg.num_heads, max_distance=cfg.max_distance, relative_keys=cfg.relative,
+            relative_values=cfg.relative, share_relative_heads=cfg.share_relative_heads, **new,
+        )
+        self.ln2 = LayerNorm(cfg.embed_dim, cfg.ln_eps, **new)
+        self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, **new)
+
+    def forward(self, x: torch.Tensor, *, cache=None):
+        """x [B, T, E] -> [B, T, E] (and the layer's new cache when one is given)."""
+        if cache is None:
+            x = x + self.attn(self.ln1(x), is_causal=True)
+        else:
+            a, cache = self.attn(self.ln1(x), is_causal=True, cache=cache)
+            x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return x if cache is None else (x, cache)
+
+
+class DecoderLM(nn.Module):
+    """Causal decoder LM: embedding, ``num_layers`` pre-norm blocks, final LayerNorm, head.
+
+    Args:
+        cfg: ``DecoderConfig``.
+        device, dtype: factory arguments for the parameters, as in ``torch.nn``.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        new = dict(device=device, dtype=dtype)
+        E = cfg.embed_dim
+        self.tok_emb = nn.Parameter(torch.randn(cfg.vocab_size, E, **new))
+        self.pos_emb = None if cfg.relative else nn.Parameter(torch.randn(cfg.max_len, E, **new))
+        self.blocks = nn.ModuleList([Block(cfg, **new) for _ in range(cfg.num_layers)])
+        self.ln_f = LayerNorm(E, cfg.ln_eps, **new)
+        self.head = nn.Parameter(torch.randn(E, cfg.vocab_size, **new) / math.sqrt(E))
+
+    def forward(self, tokens: torch.Tensor, *, cache=None):
+        """Next-token logits.
+
+        Args:
+            tokens: int [B, T].
+            cache: optional per-layer KV caches from ``init_cache``; the tokens then
+                continue the cached sequence (absolute positions start at its length).
+
+        Returns:
+            logits [B, T, V] in the parameter dtype, or ``(logits, new_cache)`` when
+            ``cache`` is given.
+        """
+        _check_tokens(tokens, self.cfg)
+        x = self.tok_emb[tokens]  # [B, T, E]
+        if self.pos_emb is not None:
+            start = 0 if cache is None else int(_cache_length(cache[0]))
+            x = x + self.pos_emb[start : start + tokens.shape[1]][None]
+        new_cache = None if cache is None else []
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x = block(x)
+            else:
+                x, layer_cache = block(x, cache=cache[i])
+                new_cache.append(layer_cache)
+        logits = torch.einsum("BTE,EV->BTV", self.ln_f(x), self.head)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+        """One attention KV cache per layer (a list), each from ``attn.init_cache``."""
+        if not self.cfg.relative and max_length > self.cfg.max_len:
+            raise ValueError(f"max_length must be <= max_len ({self.cfg.max_len}) for absolute positions, got {max_length}")
+        dtype = dtype or self.tok_emb.dtype
+        return [block.attn.init_cache(batch_size, max_length, dtype=dtype) for block in self.blocks]
+
+
+def _check_tokens(tokens, cfg: DecoderConfig) -> None:
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, T], got shape [{', '.join(map(str, tokens.shape))}]")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    if not cfg.relative and tokens.shape[1] > cfg.max_len:
+        raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
+
+
+def _cache_length(layer_cache):
+    """Number of positions already in a layer cache (its ``length`` / ``index`` field)."""
+    for name in ("length", "index", "end", "pos"):
+        value = layer_cache.get(name) if isinstance(layer_cache, dict) else getattr(layer_cache, name, None)
+        if value is not None:
+            return value
+    raise TypeError(f"cannot read the cached length from a {type(layer_cache).__name__}")
