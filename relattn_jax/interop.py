@@ -60,7 +60,7 @@ def from_nnx_mha(mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, **options) -> R
         table = getattr(out, name)
         if table is not None:
             new[(name,)] = jnp.zeros_like(table[...])
-    nnx.update(out, nnx.State.from_flat_path({path: jnp.asarray(x, kernel.dtype) for path, x in new.items()}))
+    nnx.update(out, nnx.from_flat_state({path: jnp.asarray(x, kernel.dtype) for path, x in new.items()}))
     return out
 
 

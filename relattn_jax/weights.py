@@ -80,13 +80,13 @@ def load_weights(module: nnx.Module, path, *, strict: bool = True) -> LoadResult
     """
     found = _read(path)
     params, paths = _named_params(module)
-    expected = {n: tuple(p[...].shape) for n, p in params.items()}
+    expected = {n: tuple(p.shape) for n, p in params.items()}
     result = _compare(expected, found)
     if strict and any(result):
         raise ValueError(_describe(path, result, expected, found))
     bad = set(result.missing) | {m.name for m in result.mismatched}
-    new = {paths[n]: _from_bytes(*found[n]).astype(params[n][...].dtype) for n in params if n not in bad}
-    nnx.update(module, nnx.State.from_flat_path({path: jnp.asarray(x) for path, x in new.items()}))
+    new = {paths[n]: _from_bytes(*found[n]).astype(params[n].dtype) for n in params if n not in bad}
+    nnx.update(module, nnx.from_flat_state({path: jnp.asarray(x) for path, x in new.items()}))
     return result
 
 
