@@ -1,0 +1,235 @@
+"""The toy-task trainers: task batches, one-step smoke tests, float64 training parity,
+4-device == 1-device data parallelism, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import tasks
+from train.config import TrainConfig, lr_at, parse_args
+from train.parity import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Two shared cores: torch's second thread only spins (measured 30x slower per step)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out_dir": str(tmp_path), **kw})
+
+
+# -- tasks and config (no framework) -----------------------------------------
+
+
+def test_copy_batch_literal():
+    tokens, targets, weights = tasks.batch("copy", seed=0, step=0, batch_size=2, length=3, vocab_size=10)
+    assert tokens.shape == targets.shape == weights.shape == (2, 7)
+    for tok, tgt in zip(tokens, targets):
+        x = tok[1:4]
+        np.testing.assert_array_equal(tok, [0, *x, 0, x[0], x[1]])  # SEP x1 x2 x3 SEP x1 x2
+        np.testing.assert_array_equal(tgt, [*x, 0, *x])
+        assert len(set(x.tolist())) == 3 and x.min() >= 1 and x.max() < 10
+    np.testing.assert_array_equal(weights[0], [0, 0, 0, 0, 1, 1, 1])
+
+
+def test_lag_batch_literal():
+    tokens, targets, weights = tasks.batch("lag", seed=1, step=5, batch_size=2, length=6, vocab_size=9)
+    np.testing.assert_array_equal(targets[:, tasks.LAG :], tokens[:, : -tasks.LAG])
+    np.testing.assert_array_equal(weights[0], [0, 0, 0, 1, 1, 1])
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = tasks.batch("copy", seed=3, step=7, batch_size=4, length=5, vocab_size=20)
+    b = tasks.batch("copy", seed=3, step=7, batch_size=4, length=5, vocab_size=20)
+    c = tasks.batch("copy", seed=3, step=8, batch_size=4, length=5, vocab_size=20)
+    d = tasks.batch("copy", seed=3, step=7, batch_size=4, length=5, vocab_size=20, split="eval")
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(task="sort"), "task must be one of"),
+        (dict(length=20, vocab_size=40), r"vocab_size must be > 80"),
+        (dict(precision="float16"), "precision must be"),
+        (dict(position="rope"), "position must be"),
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(task="lag", length=2), "length must be >= 4"),
+    ],
+)
+def test_config_errors_name_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_cli_builds_the_config():
+    cfg = parse_args(["--task", "lag", "--length", "12", "--no-progress", "--eval-scales", "1", "3", "--lr", "0.01"])
+    assert (cfg.task, cfg.length, cfg.progress, cfg.eval_scales, cfg.lr) == ("lag", 12, False, (1, 3), 0.01)
+
+
+def test_lr_at_is_optax_warmup_cosine():
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    cfg = TrainConfig(steps=40, warmup_steps=7, lr=3e-3, end_lr_ratio=0.1)
+    ref = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 7, 40, end_value=3e-4)
+    for step in range(45):
+        assert math.isclose(lr_at(cfg, step), float(ref(jnp.asarray(step, jnp.float64))), rel_tol=1e-12, abs_tol=1e-18)
+
+
+# -- one-step smoke tests of each trainer ------------------------------------
+
+
+def _check_run(out: Path, summary: dict, vocab: int):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    assert abs(rows[0]["loss"] - math.log(vocab)) < 1.5  # an untrained model is near uniform
+    assert rows[0]["tokens_per_s"] > 0
+    assert (out / "weights.safetensors").stat().st_size > 0 and (out / "curves.png").exists()
+    assert [r["length"] for r in summary["eval"]] == [4]
+    assert 0.0 <= summary["eval"][0]["token_acc"] <= 1.0
+
+
+def test_jax_trainer_one_step(tmp_path):
+    pytest.importorskip("flax")
+    from train.jax_train import train
+
+    cfg = tiny(tmp_path, steps=1, log_every=1, precision="float32", num_layers=1)
+    summary = train(cfg)
+    _check_run(tmp_path, summary, cfg.vocab_size)
+    assert summary["devices"] >= 1
+
+
+def test_torch_trainer_one_step(tmp_path, one_torch_thread):
+    from train.torch_train import train
+
+    cfg = tiny(tmp_path, steps=1, log_every=1, precision="float32")
+    summary = train(cfg)
+    _check_run(tmp_path, summary, cfg.vocab_size)
+    assert (tmp_path / "checkpoints" / "torch_state.pt").exists()
+
+
+def test_torch_trainer_rejects_bfloat16(tmp_path):
+    from train.torch_train import build_model
+
+    with pytest.raises(ValueError, match="bfloat16"):
+        build_model(tiny(tmp_path, precision="bfloat16"))
+
+
+def test_torch_clipping_matches_optax_rule():
+    torch = pytest.importorskip("torch")
+    from train.torch_train import clip_by_global_norm_
+
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    p.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert float(clip_by_global_norm_([p], 1.0)) == 5.0
+    np.testing.assert_array_equal(p.grad.numpy(), [0.6, 0.8])  # exactly g / |g|: no 1e-6 in the denominator
+    p.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    clip_by_global_norm_([p], 1.0)
+    np.testing.assert_array_equal(p.grad.numpy(), [0.3, 0.4])
+
+
+# -- training parity: one weight file, same batches, float64 ------------------
+
+
+def test_training_parity_float64(tmp_path, one_torch_thread):
+    pytest.importorskip("flax")
+    from train.parity import run_parity
+
+    result = run_parity(tiny(tmp_path, precision="float64"), 50, tmp_path / "init.safetensors")
+    jax_loss, torch_loss = np.array(result["jax_loss"]), np.array(result["torch_loss"])
+    assert jax_loss[-1] < jax_loss[0] - 0.3  # it trains
+    np.testing.assert_allclose(jax_loss, torch_loss, rtol=1e-9, atol=0)
+    worst = max(result["weight_diff"], key=result["weight_diff"].get)
+    assert result["weight_diff"][worst] <= 1e-9, (worst, result["weight_diff"][worst])
+
+
+# -- subprocess runs: 4 XLA host devices, SIGKILL and resume ----------------------
+
+_RUN = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    from train.config import TrainConfig
+    from train.jax_train import train
+    runs = json.loads({runs!r})
+    out = []
+    for kw in runs:
+        devices = jax.devices()[: kw.pop("n_devices", len(jax.devices()))]
+        summary = train(TrainConfig(**kw), devices=devices)
+        out.append({{"summary": summary, "metrics": open(kw["out_dir"] + "/metrics.jsonl").read()}})
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def _run_jax(runs: list[dict], n_host_devices: int = 1, expect_kill: bool = False, cache_dir=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_host_devices}"}
+    if cache_dir is not None:  # the killed, resumed and reference runs compile the same programs once
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    code = _RUN.format(root=str(ROOT), runs=json.dumps(runs))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if expect_kill:
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        return None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def _tiny_kw(out, **kw):
+    cfg = dict(TINY, out_dir=str(out), num_layers=1, eval_scales=[1], eval_batches=1, log_every=1, batch_size=8, **kw)
+    return cfg
+
+
+def test_four_devices_match_one_device(tmp_path):
+    pytest.importorskip("flax")
+    kw = dict(steps=6, ckpt_every=100)
+    four, one = _run_jax([_tiny_kw(tmp_path / "d4", **kw), _tiny_kw(tmp_path / "d1", n_devices=1, **kw)], 4)
+    assert four["summary"]["devices"] == 4 and one["summary"]["devices"] == 1
+    loss4 = [json.loads(r)["loss"] for r in four["metrics"].splitlines()]
+    loss1 = [json.loads(r)["loss"] for r in one["metrics"].splitlines()]
+    assert len(loss4) == 6
+    np.testing.assert_allclose(loss4, loss1, rtol=2e-5)
+    for a, b in zip(four["summary"]["eval"], one["summary"]["eval"]):
+        assert a["token_acc"] == pytest.approx(b["token_acc"], abs=1 / 64)
+
+
+def test_sigkill_then_resume_is_exact(tmp_path):
+    pytest.importorskip("flax")
+    kw = dict(steps=12, ckpt_every=4)
+    # Killed by SIGKILL right after step 10: the last checkpoint is step 8.
+    cache = tmp_path / "xla_cache"
+    _run_jax([_tiny_kw(tmp_path / "run", crash_at_step=10, **kw)], expect_kill=True, cache_dir=cache)
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 8
+    resumed, straight = _run_jax(
+        [_tiny_kw(tmp_path / "run", resume=True, **kw), _tiny_kw(tmp_path / "ref", **kw)], cache_dir=cache
+    )
+    rows = [json.loads(r) for r in resumed["metrics"].splitlines()]
+    ref = [json.loads(r) for r in straight["metrics"].splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # rows 9-10 of the killed run were replaced
+    assert [(r["loss"], r["acc"]) for r in rows] == [(r["loss"], r["acc"]) for r in ref]  # bit-for-bit
+    assert resumed["summary"]["eval"] == straight["summary"]["eval"]
+    a = (tmp_path / "run" / "weights.safetensors").read_bytes()
+    assert a == (tmp_path / "ref" / "weights.safetensors").read_bytes()

@@ -1,0 +1,44 @@
+"""``python -m train {demo,jax,torch} [--flag value ...]``.
+
+    demo   train the relative model and the absolute baseline (JAX), evaluate both at
+           L, 2L, 4L, print/save the table and plot, show a few greedy generations
+    jax    one run of the Flax NNX trainer (``--distributed`` calls jax.distributed.initialize())
+    torch  one run of the PyTorch twin (eager; ``--compile``; under torchrun: DDP)
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("demo", "jax", "torch"):
+        print(USAGE)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command, rest = argv[0], argv[1:]
+    from .config import parse_args
+
+    if command == "demo":
+        from .demo import run_demo
+
+        run_demo(parse_args(rest, prog="python -m train demo", defaults={"out_dir": "runs/demo"}))
+    elif command == "jax":
+        if "--distributed" in rest:
+            import jax
+
+            rest.remove("--distributed")
+            jax.distributed.initialize()  # reads the coordinator/process ids from the environment
+        from .jax_train import train
+
+        train(parse_args(rest, prog="python -m train jax", defaults={"out_dir": "runs/jax"}))
+    else:
+        from .torch_train import train
+
+        train(parse_args(rest, prog="python -m train torch", defaults={"out_dir": "runs/torch"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Train the toy decoder with Flax NNX + optax under ``nnx.jit``, data-parallel over devices.
+
+The batch axis is sharded over every device ``jax.devices()`` returns (a 1-D Mesh
+named ``data``; parameters and optimizer state are replicated), so the same code
+runs on one CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, a GPU or a
+TPU slice. Multi-host: call ``jax.distributed.initialize()`` first (``--distributed``
+in ``python -m train jax``); each host then generates the global batch and keeps its
+own rows (the batch is a pure function of seed and step).
+
+Checkpoints (orbax) hold {model, optimizer, step}; data depend only on (seed, step),
+so ``--resume`` continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import tasks
+from .config import TrainConfig
+from .report import MetricsLog, progress
+
+_DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
+
+
+def build_model(cfg: TrainConfig, *, seed: int | None = None):
+    """A ``DecoderLM`` with float64 parameters for ``float64``, else float32 (bf16 compute for ``bfloat16``)."""
+    from relattn_jax.decoder import DecoderConfig, DecoderLM
+
+    if cfg.precision == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    param_dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
+    dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else None
+    seed = cfg.seed if seed is None else seed
+    return DecoderLM(DecoderConfig(**cfg.decoder_kwargs()), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to kernels, embeddings and tables, not to biases or LayerNorm."""
+    return not (name.startswith("b_") or name in ("scale", "bias"))
+
+
+def _decay_mask(params):
+    def leaf(path, _):
+        names = [k.key if hasattr(k, "key") else getattr(k, "name", None) for k in path]
+        names = [n for n in names if isinstance(n, str) and n not in ("value", "raw_value")]
+        return decays(names[-1])
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the warmup-cosine schedule."""
+    warmup_cosine = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.end_lr_ratio
+    )
+
+    def schedule(count):
+        # optax evaluates the schedule in float32 for an int32 count; a float count keeps
+        # float64 runs in float64 (the PyTorch twin's learning rate is a Python float).
+        return warmup_cosine(jnp.asarray(count, jnp.result_type(float)))
+
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask),
+    )
+
+
+def loss_fn(model, tokens, targets, weights):
+    """Masked mean cross-entropy and accuracy over the positions with weight 1."""
+    logits = model(tokens)  # [B, T, V]
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+    total = weights.sum()
+    loss = (ce * weights).sum() / total
+    acc = ((logits.argmax(-1) == targets) * weights).sum() / total
+    return loss, acc
+
+
+@nnx.jit
+def train_step(model, optimizer, tokens, targets, weights):
+    (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, targets, weights)
+    optimizer.update(model, grads)
+    return loss, acc
+
+
+@nnx.jit
+def eval_step(model, tokens, targets, weights):
+    logits = model(tokens)
+    correct = (logits.argmax(-1) == targets) * weights
+    return correct.sum(), weights.sum(), (correct.sum(-1) == weights.sum(-1)).sum()
+
+
+class Trainer:
+    """Model, optimizer, mesh and checkpoints of one run."""
+
+    def __init__(self, cfg: TrainConfig, devices=None):
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.optimizer = nnx.Optimizer(self.model, make_tx(cfg), wrt=nnx.Param)
+        self.devices = list(jax.devices() if devices is None else devices)
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.replicate()
+        self.float_dtype = np.float64 if cfg.precision == "float64" else np.float32
+
+    def replicate(self) -> None:
+        """Place parameters and optimizer state on every device (replicated)."""
+        state = nnx.state((self.model, self.optimizer))
+        nnx.update((self.model, self.optimizer), jax.device_put(state, NamedSharding(self.mesh, P())))
+
+    def put_batch(self, tokens, targets, weights):
+        """Shard a host batch on its batch axis (every process holds the global batch)."""
+        n = len(self.devices)
+        if tokens.shape[0] % n:
+            raise ValueError(f"batch_size must be divisible by the device count {n}, got {tokens.shape[0]}")
+        arrays = (tokens, targets, weights.astype(self.float_dtype))
+        if jax.process_count() == 1:
+            return tuple(jax.device_put(a, self.batch_sharding) for a in arrays)
+        return tuple(
+            jax.make_array_from_callback(a.shape, self.batch_sharding, lambda idx, a=a: a[idx]) for a in arrays
+        )
+
+    def step(self, step: int):
+        cfg = self.cfg
+        data = tasks.batch(cfg.task, seed=cfg.seed, step=step, batch_size=cfg.batch_size, length=cfg.length,
+                           vocab_size=cfg.vocab_size)
+        return train_step(self.model, self.optimizer, *self.put_batch(*data))
+
+    def evaluate(self, length: int) -> dict:
+        cfg, hits, count, exact = self.cfg, 0.0, 0.0, 0
+        for i in range(cfg.eval_batches):
+            data = tasks.batch(cfg.task, seed=cfg.seed, step=i, batch_size=cfg.batch_size, length=length,
+                               vocab_size=cfg.vocab_size, split="eval")
+            h, c, e = eval_step(self.model, *self.put_batch(*data))
+            hits, count, exact = hits + float(h), count + float(c), exact + int(e)
+        return {"length": length, "T": tasks.seq_len(cfg.task, length), "token_acc": hits / count,
+                "seq_acc": exact / (cfg.eval_batches * cfg.batch_size)}
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def checkpointer(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=self.cfg.ckpt_every,
+                                               enable_async_checkpointing=False)
+        return ocp.CheckpointManager(Path(self.cfg.out_dir, "checkpoints").absolute(), options=options)
+
+    def save(self, manager, step: int, force: bool = False) -> None:
+        import orbax.checkpoint as ocp
+
+        state = nnx.to_pure_dict(nnx.state((self.model, self.optimizer)))
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave({"step": step, "config": self.cfg.to_json()})),
+                     force=force)
+
+    def restore(self, manager) -> int:
+        """Load the latest checkpoint; return the number of steps already done (0 if none)."""
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        if step is None:
+            return 0
+        state = nnx.state((self.model, self.optimizer))
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        nnx.replace_by_pure_dict(state, restored["state"])
+        nnx.update((self.model, self.optimizer), state)
+        return step
+
+
+def train(cfg: TrainConfig, devices=None) -> dict:
+    """Run (or resume) training, evaluate at L * eval_scales, write metrics, plot, weights.
+
+    Args:
+        cfg: the run.
+        devices: the devices of the data-parallel mesh; default all of ``jax.devices()``.
+
+    Returns:
+        {"final": last logged train metrics, "eval": [per-length eval rows], "out_dir": ...}.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run starts from step 0
+    trainer = Trainer(cfg, devices)
+    manager = trainer.checkpointer()
+    start = trainer.restore(manager) if cfg.resume else 0
+    log = MetricsLog(out / "metrics.jsonl", keep_until=start)
+    tokens_per_step = cfg.batch_size * tasks.seq_len(cfg.task, cfg.length)
+    bar = progress(cfg, start, "jax")
+    last, t0, since = {}, time.perf_counter(), start
+    for step in range(start, cfg.steps):
+        loss, acc = trainer.step(step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            loss, acc = float(loss), float(acc)  # the only host sync
+            dt = time.perf_counter() - t0
+            last = {"step": done, "loss": loss, "acc": acc, "tokens_per_s": tokens_per_step * (done - since) / dt}
+            log.write(last)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            t0, since = time.perf_counter(), done
+        bar.update(1)
+        if done % cfg.ckpt_every == 0 and done < cfg.steps:
+            trainer.save(manager, done)
+        if done == cfg.crash_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if manager.latest_step() != cfg.steps:
+        trainer.save(manager, cfg.steps, force=True)
+    manager.wait_until_finished()
+    return finish(trainer, last, out)
+
+
+def finish(trainer: Trainer, last: dict, out: Path) -> dict:
+    from relattn_jax.weights import save_weights
+
+    from .report import write_eval
+
+    cfg = trainer.cfg
+    rows = [trainer.evaluate(cfg.length * s) for s in cfg.eval_scales]
+    if jax.process_index() == 0:
+        save_weights(trainer.model, out / "weights.safetensors")
+        write_eval(out, cfg, rows, framework="jax")
+    summary = {"final": last, "eval": rows, "out_dir": str(out), "devices": len(trainer.devices)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
