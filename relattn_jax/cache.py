@@ -83,6 +83,7 @@ def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.A
         position of the first new query, q_offset = the old length (scalar array);
         and the updated cache.
     """
+    _check_type(cache)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset)  # [T, S]
@@ -97,9 +98,13 @@ def check_cache_call(key, value, q_offset) -> None:
         raise ValueError(f"q_offset must be None with cache= (the cache length is the offset), got {q_offset!r}")
 
 
-def _check_update(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> None:
+def _check_type(cache) -> None:
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+
+
+def _check_update(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> None:
+    _check_type(cache)
     B, T, N, H = k_new.shape
     want = (B, cache.max_length, N, H)
     if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want:

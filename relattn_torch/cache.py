@@ -91,6 +91,7 @@ def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask:
         position of the first new query, q_offset = the old length (0-d tensor); and
         the updated cache.
     """
+    _check_type(cache)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset, device=cache.k.device)  # [T, S]
@@ -105,9 +106,13 @@ def check_cache_call(key, value, q_offset) -> None:
         raise ValueError(f"q_offset must be None with cache= (the cache length is the offset), got {q_offset!r}")
 
 
-def _check_update(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+def _check_type(cache) -> None:
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+
+
+def _check_update(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    _check_type(cache)
     B, T, N, H = k_new.shape
     want = (B, cache.max_length, N, H)
     if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want:
