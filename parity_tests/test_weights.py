@@ -251,3 +251,30 @@ def test_relattn_jax_weights_never_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     code = "import sys, relattn_torch.weights, relattn_torch.interop; assert 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("position", ["relative", "absolute"])
+def test_decoder_lm_round_trip_and_same_logits(tmp_path, position):
+    """The training issue's toy model: one file, byte-identical both ways, same logits."""
+    from relattn_jax import decoder as jd
+    from relattn_torch import decoder as td
+
+    kw = dict(vocab_size=11, embed_dim=8, num_heads=2, num_layers=2, mlp_dim=16, max_distance=3, max_len=16,
+              position=position)
+    torch.manual_seed(0)
+    t = td.DecoderLM(td.DecoderConfig(**kw), dtype=torch.float64)
+    with torch.no_grad():  # non-zero biases and LayerNorm offsets, so a swap would show
+        for p in t.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    j = nnx.eval_shape(lambda: jd.DecoderLM(jd.DecoderConfig(**kw), param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+    jax_names = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(j, nnx.Param))]
+    assert sorted(params(t)) == sorted(jax_names)
+    rt.save_weights(t, tmp_path / "t.safetensors")
+    rj.load_weights(j, tmp_path / "t.safetensors")
+    rj.save_weights(j, tmp_path / "j.safetensors")
+    assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "j.safetensors").read_bytes()
+    tokens = np.random.default_rng(0).integers(0, 11, size=(2, 7))
+    with torch.no_grad():
+        ref = t(torch.from_numpy(tokens)).numpy()
+    got = np.asarray(j(jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * max(1.0, np.abs(ref).max()))
