@@ -147,9 +147,17 @@ def machine() -> dict:
     import jax
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": _cpu_model(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "jax": jax.__version__, "flax": flax.__version__}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
