@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -233,3 +233,125 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     assert resumed["summary"]["eval"] == straight["summary"]["eval"]
     a = (tmp_path / "run" / "weights.safetensors").read_bytes()
     assert a == (tmp_path / "ref" / "weights.safetensors").read_bytes()
+
+
+# -- the DecoderLM twins ---------------------------------------------------------
+
+@functools.cache
+def _jit_forward():
+    """One jitted forward for the JAX twin (one compile instead of many eager op compiles)."""
+    from flax import nnx
+
+    return nnx.jit(lambda model, tokens, cache: model(tokens) if cache is None else model(tokens, cache=cache))
+
+
+def _jax_call(model, tokens, cache=None):
+    import jax.numpy as jnp
+
+    return _jit_forward()(model, jnp.asarray(tokens), cache)
+
+
+DEC = dict(vocab_size=11, embed_dim=16, num_heads=2, num_layers=2, mlp_dim=24, max_distance=3, max_len=20)
+
+
+def _twins(position, tmp_path):
+    """A JAX DecoderLM (float64) and a torch one loaded from its weight file."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("flax")
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import relattn_jax as rj
+    import relattn_torch as rt
+
+    jm = rj.DecoderLM(rj.DecoderConfig(**DEC, position=position), param_dtype=jnp.float64, rngs=nnx.Rngs(3))
+    tm = rt.DecoderLM(rt.DecoderConfig(**DEC, position=position), dtype=torch.float64)
+    rj.save_weights(jm, tmp_path / "w.safetensors")
+    rt.load_weights(tm, tmp_path / "w.safetensors")  # strict: every name and shape must match
+    return jm, tm.eval()
+
+
+@pytest.mark.parametrize("position", ["relative", "absolute"])
+def test_decoder_twins_same_names_and_logits(position, tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    jm, tm = _twins(position, tmp_path)
+    names = {n: tuple(p.shape) for n, p in tm.named_parameters()}
+    assert names["tok_emb"] == (11, 16) and names["head"] == (16, 11)
+    assert names["blocks.1.mlp.w_in"] == (16, 24) and names["blocks.0.ln1.scale"] == (16,)
+    assert ("pos_emb" in names) == (position == "absolute")
+    assert ("blocks.0.attn.rel_k" in names) == (position == "relative")
+    tokens = np.random.default_rng(0).integers(0, 11, (3, 9))
+    a = np.asarray(_jax_call(jm, tokens))
+    b = tm(torch.from_numpy(tokens)).detach().numpy()
+    assert a.shape == (3, 9, 11)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("position", ["relative", "absolute"])
+def test_decoder_cache_continues_the_sequence(position, tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    jm, tm = _twins(position, tmp_path)
+    tokens = np.random.default_rng(1).integers(0, 11, (2, 9))
+    full = np.asarray(_jax_call(jm, tokens))
+    cache = jm.init_cache(2, 12)
+    l1, cache = _jax_call(jm, tokens[:, :5], cache)
+    l2, cache = _jax_call(jm, tokens[:, 5:], cache)
+    np.testing.assert_allclose(np.concatenate([l1, l2], 1), full, atol=1e-12)
+    cache = tm.init_cache(2, 12)
+    with torch.no_grad():
+        l1, cache = tm(torch.from_numpy(tokens[:, :5]), cache=cache)
+        l2, cache = tm(torch.from_numpy(tokens[:, 5:]), cache=cache)
+    np.testing.assert_allclose(torch.cat([l1, l2], 1).numpy(), full, atol=1e-12)
+
+
+def test_decoder_greedy_generation_agrees(tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    import relattn_jax as rj
+    import relattn_torch as rt
+
+    jm, tm = _twins("relative", tmp_path)
+    prompt = np.random.default_rng(2).integers(0, 11, (2, 4))
+    a = np.asarray(rj.generate(jm, jnp.asarray(prompt), 6))
+    with torch.no_grad():
+        b = rt.generate(tm, torch.from_numpy(prompt), 6).numpy()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_decoder_errors_name_the_argument(tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    jm, tm = _twins("absolute", tmp_path)
+    with pytest.raises(TypeError, match="tokens must be an integer"):
+        jm(jnp.zeros((1, 3)))
+    with pytest.raises(TypeError, match="tokens must be an integer"):
+        tm(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"tokens length T must be <= max_len \(20\).*got 21"):
+        jm(jnp.zeros((1, 21), jnp.int32))
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T\], got shape \[4\]"):
+        tm(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="position must be 'relative' or 'absolute'"):
+        pytest.importorskip("relattn_torch").DecoderConfig(position="rope")
+
+
+def test_decoder_bfloat16_compute_is_close_to_float32():
+    pytest.importorskip("flax")
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import relattn_jax as rj
+
+    cfg = rj.DecoderConfig(**DEC)
+    m32 = rj.DecoderLM(cfg, rngs=nnx.Rngs(0))
+    m16 = rj.DecoderLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # same float32 parameters
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, (2, 7)))
+    a, b = _jax_call(m32, tokens), _jax_call(m16, tokens)
+    assert b.dtype == jnp.float32 and m16.tok_emb[...].dtype == jnp.float32
+    err = float(jnp.abs(a - b).max() / jnp.abs(a).max())
+    assert 0 < err < 5e-2  # bf16 really ran (not bit-equal) and stayed close

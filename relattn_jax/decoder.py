@@ -105,12 +105,12 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(cfg.embed_dim, cfg.ln_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, cache=None):
-        """x [B, T, E] -> [B, T, E] (and the layer's new cache when one is given)."""
+    def __call__(self, x: jax.Array, *, cache=None, mask=None):
+        """x [B, T, E] -> [B, T, E] (and the layer's new cache when one is given); mask as in the attention."""
         if cache is None:
-            x = x + self.attn(self.ln1(x), is_causal=True)
+            x = x + self.attn(self.ln1(x), mask=mask, is_causal=True)
         else:
-            a, cache = self.attn(self.ln1(x), is_causal=True, cache=cache)
+            a, cache = self.attn(self.ln1(x), mask=mask, is_causal=True, cache=cache)
             x = x + a
         x = x + self.mlp(self.ln2(x))
         return x if cache is None else (x, cache)
@@ -137,13 +137,15 @@ class DecoderLM(nnx.Module):
         self.ln_f = LayerNorm(E, cfg.ln_eps, param_dtype=param_dtype)
         self.head = _normal(rngs, (E, cfg.vocab_size), 1 / math.sqrt(E), param_dtype)
 
-    def __call__(self, tokens: jax.Array, *, cache=None):
+    def __call__(self, tokens: jax.Array, *, cache=None, mask=None):
         """Next-token logits.
 
         Args:
             tokens: int [B, T].
             cache: optional per-layer KV caches from ``init_cache``; the tokens then
                 continue the cached sequence (absolute positions start at its length).
+            mask: optional bool mask broadcastable to [B, N, T, S] (True = may attend),
+                combined with the causal mask in every layer (e.g. to hide left padding).
 
         Returns:
             logits [B, T, V] in float32 (or the parameter dtype), or
@@ -159,9 +161,9 @@ class DecoderLM(nnx.Module):
         new_cache = None if cache is None else []
         for i, block in enumerate(self.blocks):
             if cache is None:
-                x = block(x)
+                x = block(x, mask=mask)
             else:
-                x, layer_cache = block(x, cache=cache[i])
+                x, layer_cache = block(x, cache=cache[i], mask=mask)
                 new_cache.append(layer_cache)
         x = self.ln_f(x)
         out_dtype = jnp.promote_types(self.head[...].dtype, jnp.float32)

@@ -110,12 +110,12 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(cfg.embed_dim, cfg.ln_eps, **new)
         self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, **new)
 
-    def forward(self, x: torch.Tensor, *, cache=None):
-        """x [B, T, E] -> [B, T, E] (and the layer's new cache when one is given)."""
+    def forward(self, x: torch.Tensor, *, cache=None, mask=None):
+        """x [B, T, E] -> [B, T, E] (and the layer's new cache when one is given); mask as in the attention."""
         if cache is None:
-            x = x + self.attn(self.ln1(x), is_causal=True)
+            x = x + self.attn(self.ln1(x), mask=mask, is_causal=True)
         else:
-            a, cache = self.attn(self.ln1(x), is_causal=True, cache=cache)
+            a, cache = self.attn(self.ln1(x), mask=mask, is_causal=True, cache=cache)
             x = x + a
         x = x + self.mlp(self.ln2(x))
         return x if cache is None else (x, cache)
@@ -140,13 +140,15 @@ class DecoderLM(nn.Module):
         self.ln_f = LayerNorm(E, cfg.ln_eps, **new)
         self.head = nn.Parameter(torch.randn(E, cfg.vocab_size, **new) / math.sqrt(E))
 
-    def forward(self, tokens: torch.Tensor, *, cache=None):
+    def forward(self, tokens: torch.Tensor, *, cache=None, mask=None):
         """Next-token logits.
 
         Args:
             tokens: int [B, T].
             cache: optional per-layer KV caches from ``init_cache``; the tokens then
                 continue the cached sequence (absolute positions start at its length).
+            mask: optional bool mask broadcastable to [B, N, T, S] (True = may attend),
+                combined with the causal mask in every layer (e.g. to hide left padding).
 
         Returns:
             logits [B, T, V] in the parameter dtype, or ``(logits, new_cache)`` when
@@ -160,9 +162,9 @@ class DecoderLM(nn.Module):
         new_cache = None if cache is None else []
         for i, block in enumerate(self.blocks):
             if cache is None:
-                x = block(x)
+                x = block(x, mask=mask)
             else:
-                x, layer_cache = block(x, cache=cache[i])
+                x, layer_cache = block(x, cache=cache[i], mask=mask)
                 new_cache.append(layer_cache)
         logits = torch.einsum("BTE,EV->BTV", self.ln_f(x), self.head)
         return logits if cache is None else (logits, new_cache)

@@ -49,7 +49,7 @@ def run_demo(cfg: TrainConfig) -> dict:
 
 
 def show_generations(cfg: TrainConfig, run_dir: Path, n: int = 3) -> list[dict]:
-    """Greedy continuations of ``SEP x_1..x_4L SEP`` by the trained relative model (copy task only)."""
+    """Greedy continuations of ``SEP x_1..x_2L SEP`` by the trained relative model (copy task only)."""
     if cfg.task != "copy":
         return []
     import jax.numpy as jnp
@@ -60,7 +60,7 @@ def show_generations(cfg: TrainConfig, run_dir: Path, n: int = 3) -> list[dict]:
 
     model = build_model(dataclasses.replace(cfg, position="relative"))
     load_weights(model, run_dir / "weights.safetensors")
-    L = cfg.length * max(cfg.eval_scales)
+    L = 2 * cfg.length
     tokens, _, _ = tasks.batch("copy", seed=cfg.seed + 1, step=0, batch_size=n, length=L,
                                vocab_size=cfg.vocab_size, split="eval")
     prompt = tokens[:, : L + 2]  # SEP x_1..x_L SEP
@@ -69,5 +69,6 @@ def show_generations(cfg: TrainConfig, run_dir: Path, n: int = 3) -> list[dict]:
     for p, o in zip(prompt, out):
         ok = bool((o == p[1 : L + 1]).all())
         rows.append({"prompt": p[1 : L + 1].tolist(), "generated": o.tolist(), "exact": ok})
-        print(f"copy L={L}: {'exact' if ok else 'WRONG'}  prompt {p[1:9].tolist()}...  generated {o[:8].tolist()}...")
+        print(f"greedy copy at L={L}: prompt {p[1 : L + 1].tolist()}\n{'':>21}generated {o.tolist()} "
+              f"{'(exact)' if ok else '(differs)'}")
     return rows
