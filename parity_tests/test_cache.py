@@ -459,3 +459,20 @@ def test_generate_with_decoder_lm_across_frameworks():
     t_tokens = gen("torch", tm, PROMPT)
     np.testing.assert_array_equal(t_tokens, naive_greedy(tb, tm, PROMPT, N_NEW))
     np.testing.assert_array_equal(gen("jax", jm, PROMPT), t_tokens)
+
+
+def test_generate_right_padded_with_decoder_lm():
+    """DecoderLM with ``mask=``: right-padded batch rows generate like solo prompts, both frameworks."""
+    import inspect
+
+    td = pytest.importorskip("relattn_torch.decoder")
+    if "mask" not in inspect.signature(td.DecoderLM.forward).parameters:
+        pytest.skip("this DecoderLM does not accept mask=")
+    import torch
+
+    cfg = td.DecoderConfig(vocab_size=13, embed_dim=8, num_heads=2, num_layers=2, mlp_dim=16, max_distance=3)
+    model = td.DecoderLM(cfg, dtype=torch.float64).eval()
+    prompt = np.array([[1, 5, 2, 7, 3], [4, 9, 0, 0, 0]])
+    batched = gen("torch", model, prompt, prompt_lengths=np.array([5, 2]))
+    np.testing.assert_array_equal(batched[0], gen("torch", model, prompt)[0])
+    np.testing.assert_array_equal(batched[1], gen("torch", model, prompt[1:, :2])[0])
