@@ -17,9 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _spec
+from .blockwise import blockwise_attention
 from .masks import causal_mask, combine_masks
+from .positions import relative_position_ids
+from .shaw import shaw_attention
 
 _LOW_PRECISION = (jnp.float16, jnp.bfloat16)
+IMPLEMENTATIONS = ("auto", "reference", "shaw", "blockwise")
+# "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
+# (2**27 float32 logits = 512 MiB per [B, N, T, S] array).
+LONG_SEQUENCE_THRESHOLD = 2**27
 
 
 def relative_attention(
@@ -35,6 +42,9 @@ def relative_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    max_distance: int | None = None,
+    q_offset: int | jax.Array | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Multi-head attention with relative key and value terms.
 
@@ -54,12 +64,37 @@ def relative_attention(
         scale: logit scale; default 1 / sqrt(H).
         dropout_p: dropout probability on the attention weights (0 disables it).
         dropout_rng: PRNG key, required when ``dropout_p > 0``.
+        max_distance: the Shaw form without an id array: rel_k / rel_v are tables
+            [R, H] or [R, N, H] with R = 2 * max_distance + 1 and the ids are
+            clip(j - i - q_offset, -max_distance, max_distance) + max_distance, as
+            ``relative_position_ids`` makes them. Excludes ``rel_ids``.
+        q_offset: position of query 0 among the keys for those ids (int or traced
+            int); default S - T. Only with ``max_distance``.
+        implementation: None or "auto" picks the fastest exact path for the inputs;
+            "reference" the einsum path written out here; "shaw" the Shaw path
+            (``shaw.py``: the clipped ids as one expand/reduce pair, no gather or
+            scatter; needs ``max_distance`` and no dropout); "blockwise" the
+            linear-memory query-blocked path (``blockwise.py``), which "auto" uses
+            once B * N * T * S reaches ``LONG_SEQUENCE_THRESHOLD``.
 
     Returns:
         [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
     """
-    d = _check(q, k, v, rel_k, rel_v, rel_ids, mask)
+    d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
+    _check_shaw(rel_k, rel_v, rel_ids, max_distance, q_offset, d)
     scale = d.H**-0.5 if scale is None else scale
+    impl = _choose(implementation, rel_ids, dropout_p, max_distance, d)
+    if impl == "shaw":
+        offset = d.S - d.T if q_offset is None else q_offset
+        return shaw_attention(q, k, v, rel_k, rel_v, max_distance=max_distance, q_offset=offset,
+                              is_causal=is_causal, scale=scale, mask=mask)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
+                                   scale=scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
+                                   max_distance=max_distance, q_offset=q_offset)
+    if max_distance is not None:
+        offset = d.S - d.T if q_offset is None else q_offset
+        rel_ids = relative_position_ids(d.T, d.S, max_distance, q_offset=offset)
 
     logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
     if rel_k is not None:
@@ -129,7 +164,7 @@ def _index(rel_ids, d) -> jax.Array:
     return jnp.broadcast_to(ids, (d.B, d.N, d.T, d.S))
 
 
-def _check(q, k, v, rel_k, rel_v, rel_ids, mask) -> _spec.Dims:
+def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     named = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
     named += [(n, t.dtype) for n, t in (("rel_k", rel_k), ("rel_v", rel_v)) if t is not None]
@@ -145,7 +180,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask) -> _spec.Dims:
         if not isinstance(rel_ids, jax.core.Tracer) and rel_ids.size:
             ids = np.asarray(rel_ids)
             _spec.check_rel_ids_range(int(ids.min()), int(ids.max()), [(n, t.shape[0]) for n, t in tables])
-    else:
+    elif not shaw:  # the Shaw tables are checked by _check_shaw
         for name, edges in (("rel_k", rel_k), ("rel_v", rel_v)):
             if edges is not None:
                 _spec.dense_edge_layout(name, tuple(edges.shape), d)
@@ -154,3 +189,39 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask) -> _spec.Dims:
             raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
         _spec.check_mask_shape(tuple(mask.shape), d)
     return d
+
+
+def _check_shaw(rel_k, rel_v, rel_ids, max_distance, q_offset, d) -> None:
+    """The Shaw form (``max_distance``) needs tables of 2 * max_distance + 1 rows and no rel_ids."""
+    if max_distance is None:
+        if q_offset is not None:
+            raise ValueError("q_offset describes Shaw ids and needs max_distance; got max_distance=None")
+        return
+    if rel_ids is not None:
+        raise ValueError("pass either rel_ids or max_distance (implied Shaw ids), not both")
+    _spec.check_positions(d.T, d.S, max_distance)
+    if rel_k is None and rel_v is None:
+        raise ValueError("max_distance was given but both rel_k and rel_v are None; pass at least one relation table")
+    for name, table in (("rel_k", rel_k), ("rel_v", rel_v)):
+        if table is not None:
+            _spec.table_layout(name, tuple(table.shape), d)
+            if table.shape[0] != 2 * max_distance + 1:
+                raise ValueError(
+                    f"{name} must have R = 2 * max_distance + 1 = {2 * max_distance + 1} rows for "
+                    f"max_distance={max_distance}, got shape {_spec.fmt(table.shape)}"
+                )
+
+
+def _choose(implementation, rel_ids, dropout_p, max_distance, d) -> str:
+    """The implementation to run: the named one, or for "auto" the fastest exact one."""
+    impl = "auto" if implementation is None else implementation
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    shaw_ok = max_distance is not None and dropout_p == 0.0
+    if impl == "shaw" and not shaw_ok:
+        raise ValueError("implementation='shaw' needs max_distance and dropout_p=0; use 'auto' to fall back")
+    if impl != "auto":
+        return impl
+    if d.B * d.N * d.T * d.S >= LONG_SEQUENCE_THRESHOLD:
+        return "blockwise"
+    return "shaw" if shaw_ok else "reference"

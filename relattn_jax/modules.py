@@ -136,9 +136,10 @@ class RelativeMultiHeadAttention(nnx.Module):
             offset = S - T if q_offset is None else q_offset
             rel_ids = relative_position_ids(T, S, self.max_distance, q_offset=offset)
         dropout_p, dropout_rng = _dropout(self.dropout, self.deterministic, deterministic, self.rngs, rngs)
-        z = relative_attention(
-            q, k, v, _value(self.rel_k, dtype), _value(self.rel_v, dtype), rel_ids=rel_ids, mask=mask,
+        z = relative_attention(  # Shaw ids passed as max_distance/q_offset: lets "auto" pick the Shaw path
+            q, k, v, _value(self.rel_k, dtype), _value(self.rel_v, dtype), mask=mask,
             is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
+            max_distance=None if rel_ids is None else self.max_distance, q_offset=None if rel_ids is None else offset,
         )  # [B, T, N, H]
         out = jnp.einsum("BTNH,NHE->BTE", z, _value(self.w_o, dtype))
         out = out if self.b_o is None else out + _value(self.b_o, dtype)

@@ -136,9 +136,10 @@ class RelativeMultiHeadAttention(nn.Module):
         if self.rel_k is not None or self.rel_v is not None:
             offset = S - T if q_offset is None else q_offset
             rel_ids = relative_position_ids(T, S, self.max_distance, q_offset=offset, device=query.device)
-        z = relative_attention(
-            q, k, v, self.rel_k, self.rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
+        z = relative_attention(  # Shaw ids passed as max_distance/q_offset: lets "auto" pick the banded path
+            q, k, v, self.rel_k, self.rel_v, mask=mask, is_causal=is_causal,
             scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+            max_distance=None if rel_ids is None else self.max_distance, q_offset=None if rel_ids is None else offset,
         )  # [B, T, N, H]
         out = torch.einsum("BTNH,NHE->BTE", z, self.w_o)
         out = out if self.b_o is None else out + self.b_o

@@ -1,0 +1,268 @@
+"""The fast paths (``shaw``, ``blockwise``, ``auto``) against the float64 oracle and across frameworks.
+
+Outputs are compared with ``oracle.relative_attention``; gradients with the same framework's
+``reference`` path (itself checked against the oracle in test_core) and between frameworks.
+Block sizes are lowered so that small inputs still cross several band / query blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from . import oracle
+from .backends import backend
+
+FRAMEWORKS = ["torch", "jax"]
+B, N, H = 2, 3, 4
+SCALE = 0.37
+
+
+def _tol(ref):
+    return 1e-12 * max(1.0, float(np.abs(ref).max()) if np.size(ref) else 1.0)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 3 query rows, so T = 7 spans three band blocks and three long-sequence blocks."""
+    import relattn_jax.blockwise
+    import relattn_torch.blockwise
+    import relattn_torch.shaw
+
+    monkeypatch.setattr(relattn_torch.shaw, "BAND_BLOCK", 3)
+    monkeypatch.setattr(relattn_torch.blockwise, "BLOCK_ROWS", 3)
+    monkeypatch.setattr(relattn_jax.blockwise, "BLOCK_ROWS", 3)
+
+
+def _shaw_inputs(seed, T, S, K, shared=True, keys=True, values=True):
+    rng = np.random.default_rng(seed)
+    table = (2 * K + 1, H) if shared else (2 * K + 1, N, H)
+    return {
+        "q": rng.normal(size=(B, T, N, H)),
+        "k": rng.normal(size=(B, S, N, H)),
+        "v": rng.normal(size=(B, S, N, H)),
+        "rel_k": rng.normal(size=table) if keys else None,
+        "rel_v": rng.normal(size=table) if values else None,
+    }
+
+
+def _oracle_shaw(x, K, q_offset, T, S, **kw):
+    ids = oracle.shaw_ids(T, S, K, q_offset)
+    return oracle.relative_attention(x["q"], x["k"], x["v"], x["rel_k"], x["rel_v"], rel_ids=ids, scale=SCALE, **kw)
+
+
+# (T, S, K, q_offset or None = S - T, causal, shared, keys, values)
+SHAW_CASES = [
+    (7, 7, 2, None, False, True, True, True),
+    (7, 7, 2, None, True, False, True, True),
+    (5, 9, 3, None, True, True, True, True),  # T != S, queries at the end (cache layout)
+    (9, 5, 2, 0, False, True, True, False),  # keys only
+    (6, 6, 1, 0, False, False, False, True),  # values only, per-head tables
+    (1, 6, 2, None, True, True, True, True),  # T = 1 (one decode step)
+    (6, 1, 2, 0, False, True, True, True),  # S = 1
+    (5, 5, 8, 0, False, False, True, True),  # max_distance >= sequence length: all band
+    (5, 5, 0, 0, False, True, True, True),  # max_distance = 0: one shared row
+    (4, 7, 2, -3, False, True, True, True),  # negative offset
+    (7, 4, 2, 5, True, True, True, True),  # causal with T > S: first rows see no key
+]
+
+
+def _shaw_grid():
+    """Every case on torch's banded path and jax's Shaw path; the rest of the cross product is slow."""
+    for i, case in enumerate(SHAW_CASES):
+        for fw in FRAMEWORKS:
+            for impl in ("shaw", "blockwise", "auto"):
+                quick = impl == "shaw" or (fw == "torch" and impl == "auto") or i in (1, 2, 10)
+                marks = () if quick else (pytest.mark.slow,)
+                yield pytest.param(fw, impl, case, marks=marks, id="{}-{}-".format(fw, impl) + _case_id(case))
+
+
+def _case_id(c):
+    return "T{}S{}K{}o{}c{}sh{}k{}v{}".format(*c)
+
+
+@pytest.mark.parametrize("fw, impl, case", list(_shaw_grid()))
+def test_shaw_paths_match_oracle_and_reference_grads(fw, impl, case):
+    T, S, K, off, causal, shared, keys, values = case
+    be = backend(fw)
+    x = _shaw_inputs(7, T, S, K, shared, keys, values)
+    q_offset = S - T if off is None else off
+    ref = _oracle_shaw(x, K, q_offset, T, S, is_causal=causal)
+    kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE)
+    cot = np.random.default_rng(1).normal(size=ref.shape)
+    out, grads = be.attention_grads(x, cot, implementation=impl, **kw)
+    assert np.abs(out - ref).max() <= _tol(ref)
+    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)), name
+        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+
+
+@pytest.mark.parametrize("case", [SHAW_CASES[i] for i in (1, 3, 5)], ids=_case_id)
+def test_shaw_path_same_in_both_frameworks(case):
+    T, S, K, off, causal, shared, keys, values = case
+    x = _shaw_inputs(11, T, S, K, shared, keys, values)
+    kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE, implementation="shaw")
+    cot = np.random.default_rng(2).normal(size=(B, T, N, H))
+    out_t, g_t = backend("torch").attention_grads(x, cot, **kw)
+    out_j, g_j = backend("jax").attention_grads(x, cot, **kw)
+    assert np.abs(out_t - out_j).max() <= _tol(out_t)
+    for name in g_t:
+        assert np.abs(g_t[name] - g_j[name]).max() <= _tol(g_t[name]), name
+
+
+def _masks():
+    keep = np.ones((B, 1, 1, 6), bool)
+    keep[1, ..., 4:] = False  # padding of example 1
+    rows = np.random.default_rng(3).random((B, N, 5, 6)) < 0.6
+    rows[0, 1, 2] = False  # a fully masked row
+    return {"padding": keep, "random_with_empty_row": rows, "all_masked": np.zeros((1, 1, 5, 6), bool)}
+
+
+def _mask_grid():
+    for name in _masks():
+        for fw in FRAMEWORKS:
+            for impl in ("blockwise", "auto", "shaw"):
+                quick = fw == "torch" or impl == "shaw" or name == "random_with_empty_row"
+                yield pytest.param(fw, impl, name, marks=() if quick else (pytest.mark.slow,), id=f"{fw}-{impl}-{name}")
+
+
+@pytest.mark.parametrize("fw, impl, mask_name", list(_mask_grid()))
+def test_masked_shaw(fw, impl, mask_name):
+    """Masks go to an exact path: torch 'auto' falls back from the banded path, jax 'shaw' takes them."""
+    be = backend(fw)
+    mask = _masks()[mask_name]
+    x = _shaw_inputs(5, 5, 6, 2)
+    kw = dict(max_distance=2, mask=mask, scale=SCALE, implementation=impl)
+    if fw == "torch" and impl == "shaw":
+        with pytest.raises(ValueError, match="implementation='shaw' needs"):
+            be.attention(x, **kw)
+        return
+    ref = _oracle_shaw(x, 2, 1, 5, 6, mask=mask)
+    cot = np.random.default_rng(4).normal(size=ref.shape)
+    out, grads = be.attention_grads(x, cot, **kw)
+    assert np.abs(out - ref).max() <= _tol(ref)
+    vis = oracle.visibility(B, N, 5, 6, mask)
+    empty = ~vis.any(-1)  # [B, N, T]
+    assert np.all(out.transpose(0, 2, 1, 3)[empty] == 0.0)
+    for g in grads.values():
+        assert np.all(np.isfinite(g))
+    _, ref_grads = be.attention_grads(x, cot, **{**kw, "implementation": "reference"})
+    for name, g in grads.items():
+        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+
+
+def _table_and_dense_inputs(form, T=7, S=5):
+    rng = np.random.default_rng(9)
+    x = {"q": rng.normal(size=(B, T, N, H)), "k": rng.normal(size=(B, S, N, H)), "v": rng.normal(size=(B, S, N, H))}
+    kw = {}
+    if form == "table":
+        x["rel_k"], x["rel_v"] = rng.normal(size=(4, N, H)), rng.normal(size=(4, H))
+        kw["rel_ids"] = rng.integers(0, 4, size=(B, T, S))
+    elif form == "dense":
+        x["rel_k"], x["rel_v"] = rng.normal(size=(T, S, N, H)), rng.normal(size=(T, 1, H))
+    else:  # dense per example with broadcast N
+        x["rel_k"], x["rel_v"] = rng.normal(size=(B, T, S, 1, H)), None
+    return x, kw
+
+
+def _form_grid():
+    for form in ("table", "dense", "dense5"):
+        for causal in (False, True):
+            for fw in FRAMEWORKS:
+                quick = fw == "torch" or (form, causal) in (("table", True), ("dense", False))
+                yield pytest.param(fw, form, causal, marks=() if quick else (pytest.mark.slow,), id=f"{fw}-{form}-{causal}")
+
+
+@pytest.mark.parametrize("fw, form, causal", list(_form_grid()))
+def test_blockwise_tables_and_dense_edges(fw, form, causal):
+    be = backend(fw)
+    x, kw = _table_and_dense_inputs(form)
+    mask = np.random.default_rng(6).random((1, N, 7, 5)) < 0.7
+    kw.update(is_causal=causal, mask=mask, scale=SCALE)
+    ref = oracle.relative_attention(x["q"], x["k"], x["v"], x.get("rel_k"), x.get("rel_v"), **kw)
+    cot = np.random.default_rng(8).normal(size=ref.shape)
+    out, grads = be.attention_grads(x, cot, implementation="blockwise", **kw)
+    assert np.abs(out - ref).max() <= _tol(ref)
+    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
+    for name, g in grads.items():
+        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_auto_switches_to_blockwise_above_threshold(fw, monkeypatch):
+    be = backend(fw)
+    attention = be.lib.attention
+    calls = []
+    real = attention.blockwise_attention
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attention, "blockwise_attention", spy)
+    x, kw = _table_and_dense_inputs("table")
+    ref = oracle.relative_attention(x["q"], x["k"], x["v"], x["rel_k"], x["rel_v"], scale=SCALE, **kw)
+    be.attention(x, scale=SCALE, **kw)
+    assert calls == []  # below the threshold: the reference path
+    monkeypatch.setattr(attention, "LONG_SEQUENCE_THRESHOLD", B * N * 7 * 5)
+    out = be.attention(x, scale=SCALE, **kw)
+    assert len(calls) == 1
+    assert np.abs(out - ref).max() <= _tol(ref)
+
+
+def test_torch_auto_picks_banded_shaw_path(monkeypatch):
+    import relattn_torch.attention as attention
+
+    be = backend("torch")
+    calls = []
+    real = attention.shaw_attention
+    monkeypatch.setattr(attention, "shaw_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = _shaw_inputs(1, 6, 6, 2)
+    be.attention(x, max_distance=2, scale=SCALE)
+    assert calls == [1]
+    be.attention(x, max_distance=2, scale=SCALE, mask=np.ones((6, 6), bool))  # masks fall back
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_module_matches_oracle_on_fast_path(fw):
+    be = backend(fw)
+    m = be.module("RelativeMultiHeadAttention", 12, 3, max_distance=2, share_relative_heads=False)
+    params = be.params(m)
+    x = np.random.default_rng(3).normal(size=(2, 7, 12))
+    for causal in (False, True):
+        ref = oracle.multi_head_attention(params, x, max_distance=2, is_causal=causal)
+        out = be.call(m, x, is_causal=causal)
+        assert np.abs(out - ref).max() <= _tol(ref)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_shaw_argument_errors(fw):
+    be = backend(fw)
+    x = _shaw_inputs(0, 4, 4, 2)
+    with pytest.raises(ValueError, match=r"rel_k must have R = 2 \* max_distance \+ 1 = 7 rows.*got shape \[5, 4\]"):
+        be.attention(x, max_distance=3)
+    with pytest.raises(ValueError, match="either rel_ids or max_distance"):
+        be.attention(x, max_distance=2, rel_ids=np.zeros((4, 4), np.int64))
+    with pytest.raises(ValueError, match="q_offset .* needs max_distance"):
+        be.attention({**x, "rel_k": None, "rel_v": None}, q_offset=1)
+    with pytest.raises(ValueError, match="max_distance must be a non-negative int, got -1"):
+        be.attention(x, max_distance=-1)
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        be.attention(x, max_distance=2, implementation="fast")
+    with pytest.raises(ValueError, match="both rel_k and rel_v are None"):
+        be.attention({**x, "rel_k": None, "rel_v": None}, max_distance=2)
+    with pytest.raises(ValueError, match="implementation='shaw' needs max_distance"):
+        be.attention(x, implementation="shaw", rel_ids=np.zeros((4, 4), np.int64))
+
+
+def test_torch_shaw_rejects_unsupported_causal_offset():
+    be = backend("torch")
+    x = _shaw_inputs(0, 4, 4, 1)
+    with pytest.raises(ValueError, match="q_offset \\+ max\\(max_distance, 1\\) > S - T"):
+        be.attention(x, max_distance=1, q_offset=-3, is_causal=True, implementation="shaw")
+    ref = _oracle_shaw(x, 1, -3, 4, 4, is_causal=True)  # 'auto' falls back and stays exact
+    out = be.attention(x, max_distance=1, q_offset=-3, is_causal=True, scale=SCALE)
+    assert np.abs(out - ref).max() <= _tol(ref)
