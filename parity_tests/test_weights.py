@@ -278,3 +278,13 @@ def test_decoder_lm_round_trip_and_same_logits(tmp_path, position):
         ref = t(torch.from_numpy(tokens)).numpy()
     got = np.asarray(j(jnp.asarray(tokens)))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * max(1.0, np.abs(ref).max()))
+
+
+def test_framework_free_helpers_are_identical_in_the_twins():
+    """The serializer, reader, comparison and messages are one text in both packages."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    marker = "# ---- framework-free helpers"
+    tails = [(root / pkg / "weights.py").read_text().split(marker)[1] for pkg in ("relattn_torch", "relattn_jax")]
+    assert tails[0] == tails[1]
