@@ -4,7 +4,8 @@ For each framework and prompt length P, a ``DecoderLM`` (relative positions) gen
 ``--new`` greedy tokens after a prompt of P tokens, two ways:
 
 * cache: prefill once, then one cached step per token (``model(token, cache=...)``);
-  JAX runs a jitted step (compiled once, warm-up excluded), PyTorch runs eagerly.
+  JAX runs a jitted step (compiled once, cache donated), PyTorch runs eagerly or, with
+  ``--frameworks torch-compile``, a ``torch.compile``d step; one warm-up step untimed.
 * recompute: the full causal forward over the whole sequence for every token. PyTorch
   runs the growing prefix [1, t]; JAX runs a fixed [1, P + new] buffer (one compile,
   row t - 1 read; at most new/P more work than the exact prefix) because a new length
@@ -24,6 +25,7 @@ XLA's CPU thread pool via ``XLA_FLAGS``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,7 +49,7 @@ class BenchConfig:
     out: str = "runs/decode_bench"
 
 
-def bench_torch(cfg: BenchConfig, P: int) -> dict:
+def bench_torch(cfg: BenchConfig, P: int, compile: bool = False) -> dict:
     import torch
 
     from relattn_torch.decoder import DecoderConfig, DecoderLM
@@ -56,13 +58,16 @@ def bench_torch(cfg: BenchConfig, P: int) -> dict:
     torch.manual_seed(0)
     model = DecoderLM(DecoderConfig(**_model_fields(cfg))).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, P))
+    step = lambda token, cache: model(token[:, None], cache=cache)  # noqa: E731
+    step = torch.compile(step, fullgraph=True) if compile else step
     with torch.no_grad():
-        cache = model.init_cache(1, P + cfg.new_tokens)
+        cache = model.init_cache(1, P + cfg.new_tokens + 1)  # + 1: the warm-up step
         logits, cache = model(prompt, cache=cache)
+        logits, cache = step(logits[:, -1].argmax(-1), cache)  # warm-up (compiles once when compiling)
         token = logits[:, -1].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(cfg.new_tokens):
-            logits, cache = model(token[:, None], cache=cache)
+            logits, cache = step(token, cache)
             token = logits[:, -1].argmax(-1)
         cached_s = time.perf_counter() - t0
         seq = torch.cat([prompt, token[:, None]], 1)
@@ -72,7 +77,8 @@ def bench_torch(cfg: BenchConfig, P: int) -> dict:
             token = model(seq)[:, -1].argmax(-1)
             seq = torch.cat([seq, token[:, None]], 1)
         recompute_s = time.perf_counter() - t0
-    return _row("torch", P, cfg, cached_s, recompute_s, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    name = "torch (compiled step)" if compile else "torch"
+    return _row(name, P, cfg, cached_s, recompute_s, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def bench_jax(cfg: BenchConfig, P: int) -> dict:
@@ -86,7 +92,7 @@ def bench_jax(cfg: BenchConfig, P: int) -> dict:
     graphdef, state = nnx.split(model)
     total = P + cfg.new_tokens
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(2,))  # donated: the cache is updated in place, not copied
     def step(state, token, cache):
         logits, cache = nnx.merge(graphdef, state)(token[:, None], cache=cache)
         return jnp.argmax(logits[:, -1], -1), cache
@@ -97,9 +103,11 @@ def bench_jax(cfg: BenchConfig, P: int) -> dict:
         return jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), -1)
 
     prompt = jax.random.randint(jax.random.key(0), (1, P), 0, cfg.vocab_size)
-    logits, cache = jax.jit(lambda s, p, c: nnx.merge(graphdef, s)(p, cache=c))(state, prompt, model.init_cache(1, total))
+    prefill = jax.jit(lambda state, prompt, cache: nnx.merge(graphdef, state)(prompt, cache=cache))
+    logits, cache = prefill(state, prompt, model.init_cache(1, total + 1))  # + 1: the warm-up step
     token = jnp.argmax(logits[:, -1], -1)
-    jax.block_until_ready(step(state, token, cache))  # compile; the cache it returns is dropped
+    token, cache = step(state, token, cache)  # compile (this token is not timed)
+    jax.block_until_ready(token)
     t0 = time.perf_counter()
     for _ in range(cfg.new_tokens):
         token, cache = step(state, token, cache)
@@ -159,7 +167,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="P = 64, 128 and fewer tokens (smoke run)")
     parser.add_argument("--prompt-lengths", type=int, nargs="+")
-    parser.add_argument("--frameworks", nargs="+", choices=("torch", "jax"))
+    parser.add_argument("--frameworks", nargs="+", choices=("torch", "jax", "torch-compile"),
+                        help="torch-compile: the cached step under torch.compile (inductor; compile time excluded)")
     parser.add_argument("--new", type=int, help="tokens timed with the cache")
     parser.add_argument("--threads", type=int, default=BenchConfig.threads, help="CPU threads per framework")
     parser.add_argument("--out", default=BenchConfig.out)
@@ -171,7 +180,7 @@ def main(argv=None) -> list[dict]:
     cfg = BenchConfig(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v}})
     _limit_xla_threads(cfg.threads)
     machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".replace("  ", " ")
-    runners = {"torch": bench_torch, "jax": bench_jax}
+    runners = {"torch": bench_torch, "jax": bench_jax, "torch-compile": functools.partial(bench_torch, compile=True)}
     rows = []
     for fw in cfg.frameworks:
         for P in cfg.prompt_lengths:

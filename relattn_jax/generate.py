@@ -105,6 +105,8 @@ def left_pad(prompt: jax.Array, lengths: jax.Array, max_length: int):
     return jnp.take_along_axis(prompt, src, axis=1), (slot[None, :] >= shift[:, None])[:, None, None, :]
 
 
+# No donate_argnames: only tokens are returned, so a donated cache would alias nothing;
+# inside the scan the cache is loop-carried state that XLA updates with dynamic-update-slice.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
 def _generate_jit(graphdef, state, prompt, cache, mask, key, max_new_tokens, temperature):
     token, cache = prefill(nnx.merge(graphdef, state), prompt, cache, key, temperature, mask)
