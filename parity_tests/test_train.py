@@ -355,3 +355,28 @@ def test_decoder_bfloat16_compute_is_close_to_float32():
     assert b.dtype == jnp.float32 and m16.tok_emb[...].dtype == jnp.float32
     err = float(jnp.abs(a - b).max() / jnp.abs(a).max())
     assert 0 < err < 5e-2  # bf16 really ran (not bit-equal) and stayed close
+
+
+# -- slow: torchrun DDP (gloo) and torch.compile give the single-process numbers -------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "compile"])
+def test_torch_ddp_and_compile_match_eager(tmp_path, launcher):
+    pytest.importorskip("torch")
+    flags = ["--steps", "6", "--log-every", "1", "--eval-scales", "1", "--no-progress", "--batch-size", "8",
+             "--length", "4", "--vocab-size", "12", "--embed-dim", "16", "--mlp-dim", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs = {"eager": [sys.executable, "-m", "train", "torch"],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         "-m", "train", "torch"],
+            "compile": [sys.executable, "-m", "train", "torch", "--compile"]}
+    losses = {}
+    for name in ("eager", launcher):
+        out = tmp_path / name
+        proc = subprocess.run(runs[name] + flags + ["--out-dir", str(out)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["eager"]) == 6
+    np.testing.assert_allclose(losses[launcher], losses["eager"], rtol=1e-5)

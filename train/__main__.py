@@ -27,10 +27,8 @@ def main(argv=None) -> None:
         run_demo(parse_args(rest, prog="python -m train demo", defaults={"out_dir": "runs/demo"}))
     elif command == "jax":
         if "--distributed" in rest:
-            import jax
-
             rest.remove("--distributed")
-            jax.distributed.initialize()  # reads the coordinator/process ids from the environment
+            init_distributed()
         from .jax_train import train
 
         train(parse_args(rest, prog="python -m train jax", defaults={"out_dir": "runs/jax"}))
@@ -38,6 +36,22 @@ def main(argv=None) -> None:
         from .torch_train import train
 
         train(parse_args(rest, prog="python -m train torch", defaults={"out_dir": "runs/torch"}))
+
+
+def init_distributed() -> None:
+    """``jax.distributed.initialize()`` before any JAX computation.
+
+    Cloud TPU, SLURM and Open MPI are detected automatically; elsewhere set
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    import os
+
+    import jax
+
+    kw = {}
+    if "JAX_NUM_PROCESSES" in os.environ:
+        kw = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kw)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def plot_curves(runs: dict, path, *, title: str = "", eval_rows: dict | None = N
         axes[2].set(xlabel="eval length L", ylabel="eval token accuracy", xscale="log", ylim=(0, 1.02),
                     title="length generalisation")
         axes[2].set_xticks([r["length"] for r in next(iter(eval_rows.values()))])
-        axes[2].get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes[2].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

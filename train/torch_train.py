@@ -115,6 +115,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), acc
 
+    def global_mean(self, *values):
+        """Average scalars over DDP ranks (each rank's loss covers its own rows)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        stacked = torch.stack([v.detach().to(self.float_dtype) for v in values])
+        dist.all_reduce(stacked)
+        return tuple(stacked / self.world)
+
     @torch.no_grad()
     def evaluate(self, length: int) -> dict:
         cfg, hits, count, exact = self.cfg, 0.0, 0.0, 0
@@ -169,6 +179,7 @@ def train(cfg: TrainConfig) -> dict:
         loss, acc = trainer.step(step)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
+            loss, acc = trainer.global_mean(loss, acc)
             dt = time.perf_counter() - t0
             last = {"step": done, "loss": float(loss), "acc": float(acc),
                     "tokens_per_s": tokens_per_step * (done - since) / dt}
