@@ -1,0 +1,99 @@
+"""Tables and plots from the rows of ``bench.run``: ratios to the floor pair by pair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def ratios(rows):
+    """Add time_x / mem_x: each contestant over the floor of the same group (one process)."""
+    floor = {(r["framework"], r["S"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "floor"}
+    for r in rows:
+        f = floor.get((r["framework"], r["S"], r["causal"], r["mode"]))
+        if f and "median_s" in r and "median_s" in f:
+            r["time_x"] = r["median_s"] / f["median_s"]
+        if f and r.get("peak_mib") and f.get("peak_mib"):
+            r["mem_x"] = r["peak_mib"] / f["peak_mib"]
+    return rows
+
+
+def markdown(rows, machine) -> str:
+    rows = ratios(rows)
+    lines = [f"Machine: {machine['platform']}, {machine['cpus']} CPUs, load average at the end {machine['load_avg']}.",
+             "Cells: median time in ms (x the floor in the same process); peak MiB (x the floor's) where measured.", ""]
+    groups = sorted({(r["framework"], r["mode"], r["causal"]) for r in rows})
+    for fw, mode, causal in groups:
+        sub = [r for r in rows if (r["framework"], r["mode"], r["causal"]) == (fw, mode, causal)]
+        impls = list(dict.fromkeys(r["impl"] for r in sub))
+        sizes = sorted({r["S"] for r in sub})
+        lines += [f"### {fw}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, "
+                  f"{'causal' if causal else 'non-causal'}", "", "| S | " + " | ".join(impls) + " |",
+                  "|---" * (len(impls) + 1) + "|"]
+        for S in sizes:
+            cells = []
+            for n in impls:
+                r = next((x for x in sub if x["S"] == S and x["impl"] == n), None)
+                cells.append(_cell(r))
+            lines.append(f"| {S} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(r):
+    if r is None:
+        return "-"
+    if "median_s" not in r:
+        return "n/a: " + r.get("error", "?").replace("|", "/")[:60]
+    s = f"{r['median_s'] * 1e3:.0f} ({r.get('time_x', float('nan')):.2f}x)"
+    if r.get("peak_mib") is not None:
+        s += f"; {r['peak_mib']:.0f} MiB" + (f" ({r['mem_x']:.2f}x)" if "mem_x" in r else "")
+    return s
+
+
+def plot(rows, path: Path, fw: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    sub = [r for r in rows if r["framework"] == fw and r["mode"] == "fwdbwd" and not r["causal"]]
+    sub = sub or [r for r in rows if r["framework"] == fw and not r["causal"]]
+    for n in dict.fromkeys(r["impl"] for r in sub):
+        pts = sorted((r["S"], r) for r in sub if r["impl"] == n)
+        t = [(S, r["median_s"]) for S, r in pts if "median_s" in r]
+        m = [(S, r["peak_mib"]) for S, r in pts if r.get("peak_mib")]
+        style = dict(marker="o", lw=2.5 if n in ("ours", "floor") else 1.2)
+        if t:
+            axes[0].plot(*zip(*t), label=n, **style)
+        if m:
+            axes[1].plot(*zip(*m), label=n, **style)
+    mode = sub[0]["mode"] if sub else "fwdbwd"
+    for ax, what in zip(axes, ("median time [s]", "peak RSS increase [MiB]")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("S = T")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{fw}: {'forward + backward' if mode == 'fwdbwd' else 'forward'}, non-causal, B=2 N=8 H=64 k=16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write(out: Path, rows, machine):
+    rows = ratios(rows)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    (out / "results.md").write_text(markdown(rows, machine))
+    for fw in sorted({r["framework"] for r in rows}):
+        plot(rows, out / f"bench_{fw}.png", fw)
+
+
+if __name__ == "__main__":  # re-render: python -m bench.report runs/bench
+    import sys
+
+    d = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")
+    data = json.loads((d / "results.json").read_text())
+    write(d, data["rows"], data["machine"])

@@ -1,0 +1,129 @@
+"""Run the benchmark suite: ``python -m bench.run [--quick]``.
+
+Writes ``runs/bench/results.json``, ``runs/bench/results.md`` and one PNG per framework
+(time and peak memory against S, log-log). Every group (framework, S, causal, mode) runs in
+a fresh process that times all contestants interleaved (see ``bench/case.py``), so ratios to
+the floor are pair by pair within one process; peak memory is measured in a further fresh
+process per contestant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+
+SIZES = [256, 512, 1024, 2048, 4096, 8192]
+IMPLS = {
+    "torch": ["ours", "ours_compile", "floor", "naive_shaw", "hf_relative_key", "flex", "ours_dense", "seed1"],
+    "jax": ["ours", "floor", "naive_shaw", "hf_relative_key", "ours_dense", "seed1"],
+}
+QUADRATIC = {"naive_shaw", "hf_relative_key"}  # hold several [B, N, T, S] tensors
+DENSE = {"ours_dense", "seed1"}  # take [S, S, N, H] edge tensors
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="S in {256, 512}, memory for ours and the floor only")
+    p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument("--frameworks", nargs="+", default=["torch", "jax"], choices=["torch", "jax"])
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    p.add_argument("--causal", nargs="+", default=["false", "true"], choices=["false", "true"])
+    p.add_argument("--impls", nargs="+", default=None, help="subset of contestants")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory", choices=["all", "ours_floor", "none"], default=None)
+    p.add_argument("--dense-max-s", type=int, default=256, help="largest S for the dense-edge contestants")
+    p.add_argument("--quadratic-max-s", type=int, default=4096, help="largest S for gather/scatter and HF peers")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per process (0: framework default)")
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("-B", type=int, default=2)
+    p.add_argument("-N", type=int, default=8)
+    p.add_argument("-H", type=int, default=64)
+    p.add_argument("-K", type=int, default=16)
+    a = p.parse_args(argv)
+    a.sizes = a.sizes or ([256, 512] if a.quick else SIZES)
+    a.memory = a.memory or ("ours_floor" if a.quick else "all")
+    return a
+
+
+def contestants(args, fw, S, causal, mode):
+    names = [n for n in IMPLS[fw] if args.impls is None or n in args.impls]
+    out = []
+    for n in names:
+        if n in DENSE and (causal or S > args.dense_max_s):
+            continue
+        if n in QUADRATIC and S > args.quadratic_max_s:
+            continue
+        if n == "flex" and mode != "fwd":
+            continue
+        if n == "ours_compile" and args.quick:
+            continue
+        out.append(n)
+    return out
+
+
+def run_case(spec, timeout):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "bench.case", json.dumps(spec)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {n: {"error": f"timeout after {timeout} s"} for n in spec["impls"]}
+    if r.returncode != 0:
+        err = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return {n: {"error": f"exit {r.returncode}: {err}"} for n in spec["impls"]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = parse(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t0 = [], time.time()
+    for fw in args.frameworks:
+        for S in args.sizes:
+            for causal in (c == "true" for c in args.causal):
+                for mode in args.modes:
+                    case = dict(B=args.B, S=S, N=args.N, H=args.H, K=args.K, causal=causal, mode=mode)
+                    names = contestants(args, fw, S, causal, mode)
+                    spec = dict(framework=fw, case=case, impls=names, repeats=args.repeats, threads=args.threads)
+                    res = run_case(spec, args.timeout)
+                    mem_names = {"all": names, "none": [], "ours_floor": ["ours", "floor"]}[args.memory]
+                    if (args.quick and S != max(args.sizes)) or (mode == "fwd" and "fwdbwd" in args.modes):
+                        mem_names = []  # memory: forward + backward rows only (and the largest S if --quick)
+                    for n in mem_names:
+                        m = run_case(dict(spec, impls=[n], repeats=1, memory=True), args.timeout)[n]
+                        res[n]["peak_mib"] = m.get("peak_mib", None)
+                        if "error" in m and "error" not in res[n]:
+                            res[n]["memory_error"] = m["error"]
+                    for n, r in res.items():
+                        rows.append(dict(framework=fw, impl=n, **case, **r))
+                    print(f"[{time.time() - t0:6.0f}s] {fw} S={S} causal={causal} {mode}: "
+                          + ", ".join(f"{n} {r['median_s'] * 1e3:.0f}ms" if "median_s" in r else f"{n} ERR"
+                                      for n, r in res.items()), flush=True)
+                    _save(out, args, rows)
+    report.write(out, rows, _machine())
+    print(f"wrote {out}/results.json, results.md and bench_*.png")
+
+
+def _machine():
+    import resource  # noqa: F401  (Linux only, like the memory method)
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_avg": os.getloadavg()}
+
+
+def _save(out, args, rows):
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "machine": _machine(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
