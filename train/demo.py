@@ -42,7 +42,12 @@ def run_demo(cfg: TrainConfig) -> dict:
     (out / "table.md").write_text(header + table)
     plot_curves(curves, out / "demo.png", title=f"{cfg.task}, trained at L={cfg.length}", eval_rows=results)
     samples = show_generations(cfg, out / "relative")
-    (out / "demo.json").write_text(json.dumps({"eval": results, "seconds": seconds, "samples": samples}, indent=1))
+    twin = torch_twin_eval(cfg, out / "relative")
+    if twin:
+        header += twin + "\n\n"
+        (out / "table.md").write_text(header + table)
+    (out / "demo.json").write_text(json.dumps({"eval": results, "seconds": seconds, "samples": samples,
+                                               "torch_twin": twin}, indent=1))
     print("\n" + header + table)
     print(f"wrote {out / 'table.md'}, {out / 'demo.png'}")
     return results
@@ -72,3 +77,21 @@ def show_generations(cfg: TrainConfig, run_dir: Path, n: int = 3) -> list[dict]:
         print(f"greedy copy at L={L}: prompt {p[1 : L + 1].tolist()}\n{'':>21}generated {o.tolist()} "
               f"{'(exact)' if ok else '(differs)'}")
     return rows
+
+
+def torch_twin_eval(cfg: TrainConfig, run_dir: Path) -> str:
+    """Load the JAX-trained weight file into the PyTorch DecoderLM and evaluate it the same way."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return ""
+    from relattn_torch import load_weights
+
+    from .torch_train import Trainer
+
+    run = dataclasses.replace(cfg, position="relative", precision="float32")
+    trainer = Trainer(run)
+    load_weights(trainer.model, run_dir / "weights.safetensors")
+    rows = [trainer.evaluate(cfg.length * s) for s in cfg.eval_scales]
+    accs = ", ".join(f"L={r['length']} {100 * r['token_acc']:.1f}%" for r in rows)
+    return f"PyTorch DecoderLM loaded from relative/weights.safetensors: token accuracy {accs}"
