@@ -74,7 +74,7 @@ config_strategy = st.fixed_dictionaries(
 )
 # JAX compiles every op for every new shape (~0.1 s each), so its sweep keeps the sizes
 # fixed (those of NAMED below, so compiled ops are reused) and varies what the cache logic
-# depends on: tables, layout, distance, chunking; and it runs a third of the examples.
+# depends on: tables, layout, distance, chunking; and it runs a quarter of the examples.
 fixed_size_strategy = st.fixed_dictionaries(
     dict(B=st.just(2), L=st.just(9), N=st.just(2), H=st.just(3), E=st.just(6), extra=st.just(3),
          max_distance=st.sampled_from([1, 16]), **semantics)  # < and > L
@@ -120,7 +120,7 @@ def test_decode_equals_full_forward_random_configs_torch(cfg):
     check_decode_paths("torch", cfg)
 
 
-@settings(max_examples=max(4, settings.default.max_examples // 3))
+@settings(max_examples=max(3, settings.default.max_examples // 4))
 @given(cfg=fixed_size_strategy)
 def test_decode_equals_full_forward_random_configs_jax_and_across(cfg):
     """JAX decode paths agree with its full forward and the oracle, and with torch on shared weights."""
@@ -366,8 +366,9 @@ def naive_greedy(b, model, prompt, n):
     JAX compiles once instead of once per length."""
     P = prompt.shape[1]
     seq = np.concatenate([np.asarray(prompt), np.zeros((prompt.shape[0], n), prompt.dtype)], axis=1)
+    forward = model if b.name == "torch" else b.nnx.jit(lambda m, s: m(s))  # one XLA program, not ~60
     for t in range(P, P + n):
-        logits = b.numpy(model(b.array(seq)))
+        logits = b.numpy(forward(model, b.array(seq)) if b.name == "jax" else forward(b.array(seq)))
         seq[:, t] = logits[:, t - 1].argmax(-1)
     return seq[:, P:]
 
