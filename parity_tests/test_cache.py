@@ -282,6 +282,35 @@ def test_torch_compiled_decode_step_compiles_once():
     assert rel_err(torch.cat(outs, 1).numpy(), full.numpy()) <= TOL
 
 
+
+def test_overflow_under_jit_and_compile_is_as_documented():
+    """No host check when traced/compiled: JAX clamps the write (length runs past
+    max_length, the last slot is overwritten); torch's compiled index_copy_ raises IndexError."""
+    import jax
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    from relattn_jax.cache import init_kv_cache, update_kv_cache
+
+    jb = backend("jax")
+    cache = init_kv_cache(1, 2, 1, 1, dtype=jb.jnp.float64)
+    write = jax.jit(update_kv_cache)
+    for value in (1.0, 2.0, 3.0):
+        cache = write(cache, jb.jnp.full((1, 1, 1, 1), value), jb.jnp.full((1, 1, 1, 1), value))
+    assert int(cache.length) == 3  # past max_length 2: nothing raised
+    np.testing.assert_array_equal(np.asarray(cache.k).ravel(), [1.0, 3.0])  # clamped onto the last slot
+
+    tb = backend("torch")
+    m = make_module(tb, dict(E=6, N=2, H=3, max_distance=2)).eval()
+    torch._dynamo.reset()
+    step = torch.compile(lambda x_t, c: m(x_t, cache=c), backend=CompileCounter(), fullgraph=True)
+    x = torch.zeros(2, 1, 6, dtype=torch.float64)
+    with torch.no_grad():
+        _, c = step(x, m.init_cache(2, 1))
+        with pytest.raises(IndexError, match="out of bounds"):
+            step(x, c)
+
+
 # ---------------------------------------------------------------- generate()
 
 
