@@ -185,7 +185,8 @@ _RUN = textwrap.dedent(
 
 
 def _run_jax(runs: list[dict], n_host_devices: int = 1, expect_kill: bool = False, cache_dir=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_host_devices}"}
+    flags = f"--xla_force_host_platform_device_count={n_host_devices} --xla_backend_optimization_level=0"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}  # -O0: tiny programs, compile time dominates
     if cache_dir is not None:  # the killed, resumed and reference runs compile the same programs once
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     code = _RUN.format(root=str(ROOT), runs=json.dumps(runs))
