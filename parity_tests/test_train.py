@@ -100,9 +100,9 @@ def test_lr_at_is_optax_warmup_cosine():
 # -- one-step smoke tests of each trainer ------------------------------------
 
 
-def _check_run(out: Path, summary: dict, vocab: int):
+def _check_run(out: Path, summary: dict, vocab: int, steps: int = 1):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert abs(rows[0]["loss"] - math.log(vocab)) < 1.5  # an untrained model is near uniform
     assert rows[0]["tokens_per_s"] > 0
     assert (out / "weights.safetensors").stat().st_size > 0 and (out / "curves.png").exists()
@@ -110,13 +110,15 @@ def _check_run(out: Path, summary: dict, vocab: int):
     assert 0.0 <= summary["eval"][0]["token_acc"] <= 1.0
 
 
-def test_jax_trainer_one_step(tmp_path):
+def test_jax_trainer_smoke(tmp_path):
     pytest.importorskip("flax")
-    from train.jax_train import train
+    from train.jax_train import train, train_step
 
-    cfg = tiny(tmp_path, steps=1, log_every=1, precision="float32", num_layers=1)
+    cfg = tiny(tmp_path, steps=3, log_every=1, precision="float32", num_layers=1)
+    compiled = train_step.jitted_fn._cache_size()
     summary = train(cfg)
-    _check_run(tmp_path, summary, cfg.vocab_size)
+    assert train_step.jitted_fn._cache_size() - compiled <= 1  # traced once, not once per step
+    _check_run(tmp_path, summary, cfg.vocab_size, steps=3)
     assert summary["devices"] >= 1
 
 
