@@ -383,3 +383,23 @@ def test_torch_ddp_and_compile_match_eager(tmp_path, launcher):
         losses[name] = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["eager"]) == 6
     np.testing.assert_allclose(losses[launcher], losses["eager"], rtol=1e-5)
+
+
+def test_torch_sigkill_then_resume_is_exact(tmp_path, one_torch_thread):
+    from train.torch_train import train
+
+    flags = ["--steps", "6", "--ckpt-every", "4", "--log-every", "1", "--eval-scales", "1", "--no-progress",
+             "--batch-size", "4", "--length", "4", "--vocab-size", "12", "--embed-dim", "16", "--mlp-dim", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "train", "torch", *flags, "--crash-at-step", "5", "--out-dir", str(run)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = train(parse_args([*flags, "--resume", "--out-dir", str(run)]))
+    straight = train(parse_args([*flags, "--out-dir", str(tmp_path / "ref")]))
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(r) for r in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
+    assert resumed["eval"] == straight["eval"]
+    assert (run / "weights.safetensors").read_bytes() == (tmp_path / "ref" / "weights.safetensors").read_bytes()
