@@ -98,6 +98,9 @@ def reduce(y, off, K: int):
 
 
 def _reduce(y, off, K):
+    # the barrier keeps XLA from fusing (and so recomputing) y's producer, e.g. the whole
+    # softmax, into each of the reductions below: 1.43x faster forward + backward at S = 1024
+    y = jax.lax.optimization_barrier(y)
     T, S = y.shape[2], y.shape[3]
     d = _distance(T, S, off)
     left = jnp.where(d <= -K, y, 0).sum(-1)  # [B, N, T]
