@@ -6,6 +6,21 @@ import json
 from pathlib import Path
 
 
+COLORS = {"ours": "C0", "ours_compile": "C1", "floor": "C2", "naive_shaw": "C3", "hf_relative_key": "C4",
+          "flex": "C5", "ours_dense": "C6", "seed1": "C7"}
+
+
+def merge(dirs):
+    """Rows of several runs; a later run's row replaces an earlier one for the same case."""
+    rows, machine = {}, None
+    for d in dirs:
+        data = json.loads((Path(d) / "results.json").read_text())
+        machine = data["machine"]
+        for r in data["rows"]:
+            rows[(r["framework"], r["impl"], r["S"], r["causal"], r["mode"])] = r
+    return list(rows.values()), machine
+
+
 def ratios(rows):
     """Add time_x / mem_x: each contestant over the floor of the same group (one process)."""
     floor = {(r["framework"], r["S"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "floor"}
@@ -61,10 +76,10 @@ def plot(rows, path: Path, fw: str):
     sub = [r for r in rows if r["framework"] == fw and r["mode"] == "fwdbwd" and not r["causal"]]
     sub = sub or [r for r in rows if r["framework"] == fw and not r["causal"]]
     for n in dict.fromkeys(r["impl"] for r in sub):
-        pts = sorted((r["S"], r) for r in sub if r["impl"] == n)
+        pts = sorted(((r["S"], r) for r in sub if r["impl"] == n), key=lambda p: p[0])
         t = [(S, r["median_s"]) for S, r in pts if "median_s" in r]
         m = [(S, r["peak_mib"]) for S, r in pts if r.get("peak_mib")]
-        style = dict(marker="o", lw=2.5 if n in ("ours", "floor") else 1.2)
+        style = dict(marker="o", lw=2.5 if n in ("ours", "floor") else 1.2, color=COLORS.get(n, "gray"))
         if t:
             axes[0].plot(*zip(*t), label=n, **style)
         if m:
@@ -77,6 +92,7 @@ def plot(rows, path: Path, fw: str):
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.suptitle(f"{fw}: {'forward + backward' if mode == 'fwdbwd' else 'forward'}, non-causal, B=2 N=8 H=64 k=16")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -91,9 +107,9 @@ def write(out: Path, rows, machine):
         plot(rows, out / f"bench_{fw}.png", fw)
 
 
-if __name__ == "__main__":  # re-render: python -m bench.report runs/bench
+if __name__ == "__main__":  # re-render or merge: python -m bench.report OUT [RUN_DIR ...]
     import sys
 
-    d = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")
-    data = json.loads((d / "results.json").read_text())
-    write(d, data["rows"], data["machine"])
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")
+    out.mkdir(parents=True, exist_ok=True)
+    write(out, *merge(sys.argv[2:] or [out]))
