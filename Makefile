@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt | $(BIN)/python
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python -m parity_tests.demo
+	$(BIN)/python -m train demo
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -75,3 +75,18 @@ def test_einsum_strings_are_the_same_in_both_packages():
         t = pattern.findall((ROOT / "relattn_torch" / name).read_text())
         j = pattern.findall((ROOT / "relattn_jax" / name).read_text())
         assert t and t == j, name
+
+
+def test_decoder_configs_are_the_same_in_both_packages():
+    """DecoderConfig is written twice (each package stands alone); its fields must not drift."""
+    import dataclasses
+
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from relattn_jax.decoder import DecoderConfig as JaxConfig
+    from relattn_torch.decoder import DecoderConfig as TorchConfig
+
+    def fields(cls):
+        return [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]
+
+    assert fields(TorchConfig) == fields(JaxConfig) and len(fields(TorchConfig)) >= 8

@@ -19,7 +19,6 @@ from flax import nnx
 from . import _spec
 from .attention import relative_attention
 from .cache import KVCache, attend_cache, check_cache_call, init_kv_cache
-from .positions import relative_position_ids
 
 
 class RelativeMultiHeadAttention(nnx.Module):
@@ -131,15 +130,13 @@ class RelativeMultiHeadAttention(nnx.Module):
         if cache is not None:  # k, v become the buffers [B, max_length, N, H]
             k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask)
         T, S = q.shape[1], k.shape[1]
-        rel_ids = None
-        if self.rel_k is not None or self.rel_v is not None:
-            offset = S - T if q_offset is None else q_offset
-            rel_ids = relative_position_ids(T, S, self.max_distance, q_offset=offset)
+        shaw = self.rel_k is not None or self.rel_v is not None  # Shaw ids as max_distance/q_offset
+        offset = (S - T if q_offset is None else q_offset) if shaw else None
         dropout_p, dropout_rng = _dropout(self.dropout, self.deterministic, deterministic, self.rngs, rngs)
-        z = relative_attention(  # Shaw ids passed as max_distance/q_offset: lets "auto" pick the Shaw path
+        z = relative_attention(  # "auto" may pick the banded Shaw path
             q, k, v, _value(self.rel_k, dtype), _value(self.rel_v, dtype), mask=mask,
             is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
-            max_distance=None if rel_ids is None else self.max_distance, q_offset=None if rel_ids is None else offset,
+            max_distance=self.max_distance if shaw else None, q_offset=offset,
         )  # [B, T, N, H]
         out = jnp.einsum("BTNH,NHE->BTE", z, _value(self.w_o, dtype))
         out = out if self.b_o is None else out + _value(self.b_o, dtype)

@@ -18,7 +18,6 @@ from torch import nn
 from . import _spec
 from .attention import relative_attention
 from .cache import KVCache, attend_cache, check_cache_call, init_kv_cache
-from .positions import relative_position_ids
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -132,14 +131,12 @@ class RelativeMultiHeadAttention(nn.Module):
         if cache is not None:  # k, v become the buffers [B, max_length, N, H]
             k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask)
         T, S = q.shape[1], k.shape[1]
-        rel_ids = None
-        if self.rel_k is not None or self.rel_v is not None:
-            offset = S - T if q_offset is None else q_offset
-            rel_ids = relative_position_ids(T, S, self.max_distance, q_offset=offset, device=query.device)
-        z = relative_attention(  # Shaw ids passed as max_distance/q_offset: lets "auto" pick the banded path
+        shaw = self.rel_k is not None or self.rel_v is not None  # Shaw ids as max_distance/q_offset
+        offset = (S - T if q_offset is None else q_offset) if shaw else None
+        z = relative_attention(  # "auto" may pick the banded Shaw path
             q, k, v, self.rel_k, self.rel_v, mask=mask, is_causal=is_causal,
             scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
-            max_distance=None if rel_ids is None else self.max_distance, q_offset=None if rel_ids is None else offset,
+            max_distance=self.max_distance if shaw else None, q_offset=offset,
         )  # [B, T, N, H]
         out = torch.einsum("BTNH,NHE->BTE", z, self.w_o)
         out = out if self.b_o is None else out + self.b_o
