@@ -18,14 +18,13 @@ from hypothesis import strategies as st
 
 from . import oracle
 from .backends import backend
+from .numerics import relative_error
 
 BACKENDS = ["torch", "jax"]
 TOL = 1e-12
 TRACES = {"count": 0}  # incremented by the JAX tiny LM each time its __call__ runs (= traces under jit)
 
 
-def rel_err(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-300))
 
 
 def make_module(b, cfg, params=None):
@@ -105,12 +104,12 @@ def check_decode_paths(name, cfg, params=None):
     x = rng.standard_normal((cfg["B"], L, cfg["E"]))
     full = b.call(m, x, is_causal=True)
     ref = oracle.multi_head_attention(b.params(m), x, max_distance=cfg["max_distance"], is_causal=True)
-    assert rel_err(full, ref) <= TOL
+    assert relative_error(full, ref) <= TOL
     max_length = L + cfg["extra"]  # a buffer longer than the sequence leaves unwritten slots
     by_token, cache = run_cached(b, m, x, [prefill] + [1] * (L - prefill), max_length=max_length)
     chunked, _ = run_cached(b, m, x, random_chunks(rng, L), max_length=max_length)
-    assert rel_err(by_token, full) <= TOL, "prefill + token-by-token decode != full causal forward"
-    assert rel_err(chunked, full) <= TOL, "chunked prefill + decode != full causal forward"
+    assert relative_error(by_token, full) <= TOL, "prefill + token-by-token decode != full causal forward"
+    assert relative_error(chunked, full) <= TOL, "chunked prefill + decode != full causal forward"
     assert int(cache.length) == L and cache.max_length == max_length
     return by_token
 
@@ -128,7 +127,7 @@ def test_decode_equals_full_forward_random_configs_jax_and_across(cfg):
     params = tb.params(make_module(tb, cfg))
     t_out = check_decode_paths("torch", cfg, params)
     j_out = check_decode_paths("jax", cfg, params)
-    assert rel_err(j_out, t_out) <= TOL
+    assert relative_error(j_out, t_out) <= TOL
 
 
 @pytest.mark.parametrize("case", sorted(NAMED))
@@ -147,9 +146,9 @@ def test_decode_across_frameworks_shared_weights(case):
     chunks = [3, 1, 2, 1, 1, 1]
     t_out, _ = run_cached(tb, tm, x, chunks, max_length=12)
     j_out, _ = run_cached(jb, jm, x, chunks, max_length=12)
-    assert rel_err(j_out, t_out) <= TOL
+    assert relative_error(j_out, t_out) <= TOL
     ref = oracle.multi_head_attention(tb.params(tm), x, max_distance=cfg["max_distance"], is_causal=True)
-    assert rel_err(t_out, ref) <= TOL
+    assert relative_error(t_out, ref) <= TOL
 
 
 def test_relative_ids_use_cache_length_literal():
@@ -163,11 +162,11 @@ def test_relative_ids_use_cache_length_literal():
     np.testing.assert_array_equal(oracle.shaw_ids(1, 4, 1, q_offset=2), [[0, 0, 1, 2]])
     full = b.call(m, x, is_causal=True)
     out, _ = run_cached(b, m, x, [2, 1], max_length=4)
-    assert rel_err(out[:, 2], full[:, 2]) <= TOL
+    assert relative_error(out[:, 2], full[:, 2]) <= TOL
     right = oracle.multi_head_attention(b.params(m), x[:, 2:], x, max_distance=1, q_offset=2)
     wrong = oracle.multi_head_attention(b.params(m), x[:, 2:], x, max_distance=1, q_offset=0)
-    assert rel_err(out[:, 2:], right) <= TOL
-    assert rel_err(wrong, right) > 1e-3
+    assert relative_error(out[:, 2:], right) <= TOL
+    assert relative_error(wrong, right) > 1e-3
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -184,8 +183,8 @@ def test_left_padded_batch_through_mask_is_exact(name):
     out, _ = run_cached(b, m, x, [5, 1, 1, 1, 1], max_length=max_length, mask=mask)
     solo0, _ = run_cached(b, m, x[[0, 0]], [5, 1, 1, 1, 1], max_length=max_length)
     solo1, _ = run_cached(b, m, x[[1, 1], pad:], [2, 1, 1, 1, 1], max_length=max_length)  # B=2 reuses shapes
-    assert rel_err(out[0], solo0[0]) <= TOL
-    assert rel_err(out[1, pad:], solo1[0]) <= TOL
+    assert relative_error(out[0], solo0[0]) <= TOL
+    assert relative_error(out[1, pad:], solo1[0]) <= TOL
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -231,7 +230,7 @@ def test_torch_cache_is_functional_and_autograd_safe():
     y1, c = m(x[:, :3], cache=m.init_cache(2, 6))
     y2, _ = m(x[:, 3:], cache=c)
     (torch.cat([y1, y2], 1) ** 2).sum().backward()
-    assert rel_err(torch.cat([out_a, out_b], 1).numpy(), full.detach().numpy()) <= TOL
+    assert relative_error(torch.cat([out_a, out_b], 1).numpy(), full.detach().numpy()) <= TOL
     scale = max(float(g.abs().max()) for g in g_full.values())  # b_k's gradient is exactly 0 in theory
     for n, p in m.named_parameters():
         assert float((p.grad - g_full[n]).abs().max()) <= TOL * scale, n
@@ -258,7 +257,7 @@ def test_jax_jitted_decode_step_traces_once():
         outs.append(b.numpy(out))
     assert len(traces) == 1, f"the decode step was traced {len(traces)} times"
     assert isinstance(cache.length, jax.Array) and int(cache.length) == 9
-    assert rel_err(np.concatenate(outs, 1), b.call(m, x, is_causal=True)) <= TOL
+    assert relative_error(np.concatenate(outs, 1), b.call(m, x, is_causal=True)) <= TOL
 
 
 def test_torch_compiled_decode_step_compiles_once():
@@ -279,7 +278,7 @@ def test_torch_compiled_decode_step_compiles_once():
             outs.append(out)
         full = m(x, is_causal=True)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
-    assert rel_err(torch.cat(outs, 1).numpy(), full.numpy()) <= TOL
+    assert relative_error(torch.cat(outs, 1).numpy(), full.numpy()) <= TOL
 
 
 

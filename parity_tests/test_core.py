@@ -7,17 +7,12 @@ import pytest
 
 from . import oracle
 from .backends import backend
+from .numerics import assert_close
 
 
 @pytest.fixture(params=["torch", "jax"])
 def bk(request):
     return backend(request.param)
-
-
-def assert_close(out, ref, rel=1e-12):
-    err = np.abs(np.asarray(out, np.float64) - ref).max()
-    assert out.shape == ref.shape
-    assert err <= rel * max(1.0, np.abs(ref).max()), f"max abs error {err:.3e}"
 
 
 def qkv(rng, B=2, T=5, S=5, N=3, H=4):

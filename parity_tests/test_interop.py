@@ -14,14 +14,13 @@ from flax.nnx.nn.attention import dot_product_attention_weights  # noqa: E402
 import relattn_jax as rj  # noqa: E402
 import relattn_torch as rt  # noqa: E402
 
+from .numerics import relative_error  # noqa: E402
+
 # Max abs error / max |reference| allowed when matching the source module.
 REL_TOL = {"float64": 1e-12, "float32": 1e-5}
 RELATIVE = {"off": dict(relative_keys=False, relative_values=False), "on": dict(max_distance=3)}
 
 
-def rel_error(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def torch_source(dtype, bias=True, E=8, N=2):
@@ -51,7 +50,7 @@ def test_from_torch_mha_matches_source(dtype, relative, bias, cross):
     with torch.no_grad():
         ref = mha(q, k, v, key_padding_mask=ignore, need_weights=False)[0]
         got = ours(q, k, v, mask=~ignore[:, None, None, :])
-    assert rel_error(got, ref) <= REL_TOL[dtype]
+    assert relative_error(got, ref) <= REL_TOL[dtype]
     assert (ours.rel_k is None) == (relative == "off")
     assert ours.w_q.dtype == dt
     assert (ours.b_q is None) if not bias else (ours.b_q.dtype == dt)
@@ -68,8 +67,8 @@ def test_from_torch_mha_causal_mask_and_modes():
     future = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # torch: True = not allowed
     with torch.no_grad():
         ref = mha(x, x, x, attn_mask=future, need_weights=False)[0]
-        assert rel_error(ours(x, is_causal=True), ref) <= 1e-12
-        assert rel_error(ours(x, mask=~future), ref) <= 1e-12
+        assert relative_error(ours(x, is_causal=True), ref) <= 1e-12
+        assert relative_error(ours(x, mask=~future), ref) <= 1e-12
 
 
 @pytest.mark.parametrize(
@@ -124,7 +123,7 @@ def test_from_nnx_mha_matches_source(dtype, relative, bias, cross):
     ref = mha(q, k, v, mask=mask, deterministic=True)
     got = ours(q, k, v, mask=mask)
     assert got.dtype == ref.dtype
-    assert rel_error(got, ref) <= REL_TOL[dtype]
+    assert relative_error(got, ref) <= REL_TOL[dtype]
     assert ours.head_dim == mha.head_dim and (ours.b_q is None) == (not bias)
 
 
@@ -133,7 +132,7 @@ def test_from_nnx_mha_causal():
     ours = rj.from_nnx_mha(mha, rngs=nnx.Rngs(1), max_distance=2)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 8)))
     ref = mha(x, mask=nnx.make_causal_mask(jnp.ones((2, 5))), deterministic=True)
-    assert rel_error(ours(x, is_causal=True), ref) <= 1e-12
+    assert relative_error(ours(x, is_causal=True), ref) <= 1e-12
 
 
 @pytest.mark.parametrize(
@@ -167,7 +166,7 @@ def test_torch_mha_to_jax_through_the_weight_file(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 5, 8))
     with torch.no_grad():
         ref = mha(*(torch.from_numpy(x),) * 3, need_weights=False)[0].numpy()
-    assert rel_error(ours(jnp.asarray(x)), ref) <= 1e-12
+    assert relative_error(ours(jnp.asarray(x)), ref) <= 1e-12
 
 
 def test_nnx_mha_to_torch_through_the_weight_file(tmp_path):
@@ -179,7 +178,7 @@ def test_nnx_mha_to_torch_through_the_weight_file(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 5, 8))
     ref = mha(jnp.asarray(x), deterministic=True)
     with torch.no_grad():
-        assert rel_error(ours(torch.from_numpy(x)), ref) <= 1e-12
+        assert relative_error(ours(torch.from_numpy(x)), ref) <= 1e-12
 
 
 class LinenModel(linen.Module):

@@ -7,7 +7,7 @@ import pytest
 
 from . import oracle
 from .backends import backend
-from .test_core import assert_close
+from .numerics import assert_close
 
 
 @pytest.fixture(params=["torch", "jax"])

@@ -49,8 +49,9 @@ def test_blocking_really_blocks():
     assert run.returncode != 0 and ("ModuleNotFoundError" in run.stderr or "ImportError" in run.stderr)
 
 
-def test_spec_module_is_byte_identical_in_both_packages():
-    assert (ROOT / "relattn_torch/_spec.py").read_bytes() == (ROOT / "relattn_jax/_spec.py").read_bytes()
+@pytest.mark.parametrize("name", ["_spec.py", "_weightfile.py"])
+def test_framework_free_modules_are_byte_identical_in_both_packages(name):
+    assert (ROOT / "relattn_torch" / name).read_bytes() == (ROOT / "relattn_jax" / name).read_bytes()
 
 
 def test_twins_have_the_same_files_and_public_names():

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from . import seeds  # noqa: E402
 from .backends import backend  # noqa: E402
-from .test_core import assert_close  # noqa: E402
+from .numerics import assert_close  # noqa: E402
 
 
 @pytest.fixture(params=["torch", "jax"])

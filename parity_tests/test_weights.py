@@ -284,7 +284,12 @@ def test_framework_free_helpers_are_identical_in_the_twins():
     """The serializer, reader, comparison and messages are one text in both packages."""
     from pathlib import Path
 
+    import relattn_jax.weights as jw
+    import relattn_torch.weights as tw
+    from relattn_torch._weightfile import FLOAT_DTYPES
+
     root = Path(__file__).resolve().parents[1]
-    marker = "# ---- framework-free helpers"
-    tails = [(root / pkg / "weights.py").read_text().split(marker)[1] for pkg in ("relattn_torch", "relattn_jax")]
-    assert tails[0] == tails[1]
+    texts = [(root / pkg / "_weightfile.py").read_text() for pkg in ("relattn_torch", "relattn_jax")]
+    assert texts[0] == texts[1]
+    # each package maps exactly the floating dtypes the shared half accepts
+    assert set(tw._DTYPES) == set(jw._DTYPES) == set(FLOAT_DTYPES)

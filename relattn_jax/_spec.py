@@ -139,17 +139,22 @@ def check_rel_args(rel_k, rel_v, rel_ids) -> None:
         raise ValueError("rel_ids was given but both rel_k and rel_v are None; pass at least one relation table")
 
 
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """value must be a Python int >= minimum (bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
 def check_positions(q_len, k_len, max_distance) -> None:
     for name, value in (("q_len", q_len), ("k_len", k_len), ("max_distance", max_distance)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        check_int(name, value, minimum=0)
 
 
 def check_heads(embed_dim: int, num_heads: int, head_dim) -> int:
     """Return the head dim; embed_dim must split evenly unless head_dim is given."""
-    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int("embed_dim", embed_dim)
+    check_int("num_heads", num_heads)
     if head_dim is None:
         if embed_dim % num_heads:
             raise ValueError(
@@ -159,6 +164,35 @@ def check_heads(embed_dim: int, num_heads: int, head_dim) -> int:
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
     return head_dim
+
+
+def check_shaw(rel_k_shape, rel_v_shape, has_rel_ids: bool, max_distance, has_q_offset: bool, d: Dims) -> None:
+    """The Shaw form (``max_distance``): tables of 2 * max_distance + 1 rows, no rel_ids.
+
+    Shapes are None for an absent term. ``q_offset`` only makes sense with ``max_distance``.
+    """
+    if max_distance is None:
+        if has_q_offset:
+            raise ValueError("q_offset describes Shaw ids and needs max_distance; got max_distance=None")
+        return
+    if has_rel_ids:
+        raise ValueError("pass either rel_ids or max_distance (implied Shaw ids), not both")
+    check_positions(d.T, d.S, max_distance)
+    if rel_k_shape is None and rel_v_shape is None:
+        raise ValueError("max_distance was given but both rel_k and rel_v are None; pass at least one relation table")
+    for name, shape in (("rel_k", rel_k_shape), ("rel_v", rel_v_shape)):
+        if shape is not None:
+            table_layout(name, tuple(shape), d)
+            if shape[0] != 2 * max_distance + 1:
+                raise ValueError(
+                    f"{name} must have R = 2 * max_distance + 1 = {2 * max_distance + 1} rows for "
+                    f"max_distance={max_distance}, got shape {fmt(shape)}"
+                )
+
+
+def dense_t_axis(rank: int) -> int:
+    """Axis of T in a dense edge tensor of that rank ([T, S, H], [T, S, N, H], [B, T, S, N, H])."""
+    return _DENSE_LAYOUTS[rank].index("T")
 
 
 def check_dropout(p) -> None:
@@ -171,3 +205,33 @@ def check_model_input(name: str, shape: Shape, width: int, batch=None) -> None:
     if len(shape) != 3 or shape[-1] != width or (batch is not None and shape[0] != batch):
         b = "B" if batch is None else str(batch)
         raise ValueError(f"{name} must be [B, L, E] = [{b}, L, {width}], got shape {fmt(shape)}")
+
+
+# --- KV cache -------------------------------------------------------------------------------------
+
+def check_cache_call(key, value, q_offset) -> None:
+    """A cache serves causal self-attention: no separate key/value, no q_offset."""
+    if key is not None or value is not None:
+        raise ValueError("cache is for self-attention: pass only query (key and value must be None) with cache=")
+    if q_offset is not None:
+        raise ValueError(f"q_offset must be None with cache= (the cache length is the offset), got {q_offset!r}")
+
+
+def check_cache_buffers(k_shape: Shape, v_shape: Shape, new_shape: Shape, max_length: int) -> None:
+    """Cache buffers must be [B, max_length, N, H] for new keys [B, T, N, H]."""
+    B, _, N, H = new_shape
+    want = (B, max_length, N, H)
+    if tuple(k_shape) != want or tuple(v_shape) != want:
+        raise ValueError(
+            f"cache buffers must be [B, S, N, H] = {fmt(want)} for this input, "
+            f"got k {fmt(k_shape)} and v {fmt(v_shape)}"
+        )
+
+
+def check_cache_room(length: int, new: int, max_length: int) -> None:
+    """Writing ``new`` positions after ``length`` must fit in ``max_length``."""
+    if length + new > max_length:
+        raise ValueError(
+            f"cache overflow: cache length {length} + {new} new positions > max_length {max_length}; "
+            f"create the cache with a larger max_length"
+        )

@@ -81,20 +81,20 @@ def relative_attention(
         [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
     """
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
-    _check_shaw(rel_k, rel_v, rel_ids, max_distance, q_offset, d)
+    _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d)
+    if max_distance is not None and q_offset is None:
+        q_offset = d.S - d.T  # the queries are the last T key positions
     scale = d.H**-0.5 if scale is None else scale
     impl = _choose(implementation, rel_ids, dropout_p, max_distance, d)
     if impl == "shaw":
-        offset = d.S - d.T if q_offset is None else q_offset
-        return shaw_attention(q, k, v, rel_k, rel_v, max_distance=max_distance, q_offset=offset,
+        return shaw_attention(q, k, v, rel_k, rel_v, max_distance=max_distance, q_offset=q_offset,
                               is_causal=is_causal, scale=scale, mask=mask)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
                                    scale=scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
                                    max_distance=max_distance, q_offset=q_offset)
     if max_distance is not None:
-        offset = d.S - d.T if q_offset is None else q_offset
-        rel_ids = relative_position_ids(d.T, d.S, max_distance, q_offset=offset)
+        rel_ids = relative_position_ids(d.T, d.S, max_distance, q_offset=q_offset)
 
     logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
     if rel_k is not None:
@@ -164,6 +164,10 @@ def _index(rel_ids, d) -> jax.Array:
     return jnp.broadcast_to(ids, (d.B, d.N, d.T, d.S))
 
 
+def _shape(x):
+    return None if x is None else tuple(x.shape)
+
+
 def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     named = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
@@ -180,7 +184,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
         if not isinstance(rel_ids, jax.core.Tracer) and rel_ids.size:
             ids = np.asarray(rel_ids)
             _spec.check_rel_ids_range(int(ids.min()), int(ids.max()), [(n, t.shape[0]) for n, t in tables])
-    elif not shaw:  # the Shaw tables are checked by _check_shaw
+    elif not shaw:  # the Shaw tables are checked by _spec.check_shaw
         for name, edges in (("rel_k", rel_k), ("rel_v", rel_v)):
             if edges is not None:
                 _spec.dense_edge_layout(name, tuple(edges.shape), d)
@@ -189,27 +193,6 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
             raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
         _spec.check_mask_shape(tuple(mask.shape), d)
     return d
-
-
-def _check_shaw(rel_k, rel_v, rel_ids, max_distance, q_offset, d) -> None:
-    """The Shaw form (``max_distance``) needs tables of 2 * max_distance + 1 rows and no rel_ids."""
-    if max_distance is None:
-        if q_offset is not None:
-            raise ValueError("q_offset describes Shaw ids and needs max_distance; got max_distance=None")
-        return
-    if rel_ids is not None:
-        raise ValueError("pass either rel_ids or max_distance (implied Shaw ids), not both")
-    _spec.check_positions(d.T, d.S, max_distance)
-    if rel_k is None and rel_v is None:
-        raise ValueError("max_distance was given but both rel_k and rel_v are None; pass at least one relation table")
-    for name, table in (("rel_k", rel_k), ("rel_v", rel_v)):
-        if table is not None:
-            _spec.table_layout(name, tuple(table.shape), d)
-            if table.shape[0] != 2 * max_distance + 1:
-                raise ValueError(
-                    f"{name} must have R = 2 * max_distance + 1 = {2 * max_distance + 1} rows for "
-                    f"max_distance={max_distance}, got shape {_spec.fmt(table.shape)}"
-                )
 
 
 def _choose(implementation, rel_ids, dropout_p, max_distance, d) -> str:

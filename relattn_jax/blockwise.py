@@ -27,7 +27,9 @@ def blockwise_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=N
 
     Args:
         q: [B, T, N, H]; k, v: [B, S, N, H]; rel_k, rel_v, rel_ids, mask, is_causal, scale,
-            dropout_p, dropout_rng, max_distance, q_offset: as in ``relative_attention``.
+            dropout_p, dropout_rng, max_distance: as in ``relative_attention``.
+        q_offset: with ``max_distance``, the resolved offset of query 0 (``relative_attention``
+            passes S - T when the caller gave none).
         block: query rows per block; default ``BLOCK_ROWS``.
 
     Returns:
@@ -45,13 +47,12 @@ def blockwise_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=N
     ids_p = None if rel_ids is None else pad(rel_ids, rel_ids.ndim - 2)
     edge_axes = {}
     if rel_ids is None and max_distance is None:  # dense edges: slice their T dim unless it broadcasts
-        edge_axes = {n: _edge_t_axis(e) for n, e in (("rel_k", rel_k), ("rel_v", rel_v)) if e is not None}
+        edge_axes = {n: _spec.dense_t_axis(e.ndim) for n, e in (("rel_k", rel_k), ("rel_v", rel_v)) if e is not None}
         edge_axes = {n: a for n, a in edge_axes.items() if (rel_k if n == "rel_k" else rel_v).shape[a] == T}
     rel = {"rel_k": rel_k, "rel_v": rel_v}
     rel = {n: (pad(e, edge_axes[n]) if n in edge_axes else e) for n, e in rel.items()}
     mask_rows = mask is not None and mask.ndim >= 2 and mask.shape[-2] == T and T > 1
     mask_p = pad(mask, mask.ndim - 2, False) if mask_rows else mask
-    offset = None if max_distance is None else (S - T if q_offset is None else q_offset)
     impl = "shaw" if max_distance is not None and dropout_p == 0.0 else "reference"
 
     def one_block(c):
@@ -66,7 +67,7 @@ def blockwise_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=N
             rows(q_p, 1), k, v, edges["rel_k"], edges["rel_v"],
             rel_ids=None if ids_p is None else rows(ids_p, ids_p.ndim - 2), mask=m, scale=scale,
             dropout_p=dropout_p, dropout_rng=rng, max_distance=max_distance,
-            q_offset=None if offset is None else offset + i0, implementation=impl,
+            q_offset=None if q_offset is None else q_offset + i0, implementation=impl,
         )  # [B, bq, N, H]
 
     out = jax.lax.map(jax.checkpoint(one_block), jnp.arange(nblk))  # [nblk, B, bq, N, H]
@@ -80,8 +81,3 @@ def _pad_rows(x, axis, total, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
-
-
-def _edge_t_axis(edges):
-    """Axis of T in a dense edge tensor [T, S, H], [T, S, N, H] or [B, T, S, N, H]."""
-    return 1 if edges.ndim == 5 else 0

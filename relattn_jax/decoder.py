@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import _spec
 from .modules import RelativeMultiHeadAttention
 
 
@@ -50,9 +51,7 @@ class DecoderConfig:
         if self.position not in ("relative", "absolute"):
             raise ValueError(f"position must be 'relative' or 'absolute', got {self.position!r}")
         for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "mlp_dim", "max_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _spec.check_int(name, getattr(self, name))
 
     @property
     def relative(self) -> bool:

@@ -127,8 +127,7 @@ def _call(model, tokens, cache, mask):
 def _check_args(prompt, max_new_tokens, temperature, prompt_lengths, loop) -> tuple[int, int]:
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _spec.check_int("max_new_tokens", max_new_tokens)
     if not float(temperature) >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if loop not in ("scan", "eager"):

@@ -18,7 +18,7 @@ from flax import nnx
 
 from . import _spec
 from .attention import relative_attention
-from .cache import KVCache, attend_cache, check_cache_call, init_kv_cache
+from .cache import KVCache, attend_cache, init_kv_cache
 
 
 class RelativeMultiHeadAttention(nnx.Module):
@@ -116,7 +116,7 @@ class RelativeMultiHeadAttention(nnx.Module):
             [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
         """
         if cache is not None:
-            check_cache_call(key, value, q_offset)
+            _spec.check_cache_call(key, value, q_offset)
         key = query if key is None else key
         value = key if value is None else value
         _spec.check_model_input("query", tuple(query.shape), self.embed_dim)

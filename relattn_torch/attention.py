@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 
 from . import _spec
-from . import shaw
 from .blockwise import blockwise_attention
 from .masks import causal_mask, combine_masks
 from .positions import relative_position_ids
-from .shaw import shaw_attention
+from .shaw import shaw_attention, supports as shaw_supports
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 IMPLEMENTATIONS = ("auto", "reference", "shaw", "blockwise")
@@ -79,19 +78,19 @@ def relative_attention(
         [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
     """
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
-    _check_shaw(rel_k, rel_v, rel_ids, max_distance, q_offset, d)
+    _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d)
+    if max_distance is not None and q_offset is None:
+        q_offset = d.S - d.T  # the queries are the last T key positions
     scale = d.H**-0.5 if scale is None else scale
     impl = _choose(implementation, q, rel_ids, mask, is_causal, dropout_p, max_distance, q_offset, d)
     if impl == "shaw":
-        offset = d.S - d.T if q_offset is None else q_offset
-        return shaw_attention(q, k, v, rel_k, rel_v, max_distance=max_distance, q_offset=offset,
+        return shaw_attention(q, k, v, rel_k, rel_v, max_distance=max_distance, q_offset=q_offset,
                               is_causal=is_causal, scale=scale)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
                                    scale=scale, dropout_p=dropout_p, max_distance=max_distance, q_offset=q_offset)
     if max_distance is not None:
-        offset = d.S - d.T if q_offset is None else q_offset
-        rel_ids = relative_position_ids(d.T, d.S, max_distance, q_offset=offset, device=q.device)
+        rel_ids = relative_position_ids(d.T, d.S, max_distance, q_offset=q_offset, device=q.device)
 
     logits = torch.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
     if rel_k is not None:
@@ -158,6 +157,10 @@ def _index(rel_ids, d) -> torch.Tensor:
     return ids.expand(d.B, d.N, d.T, d.S)
 
 
+def _shape(x):
+    return None if x is None else tuple(x.shape)
+
+
 def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     named = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
@@ -174,7 +177,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
         if not torch.compiler.is_compiling() and rel_ids.numel():
             lo, hi = int(rel_ids.min()), int(rel_ids.max())
             _spec.check_rel_ids_range(lo, hi, [(n, t.shape[0]) for n, t in tables])
-    elif not shaw:  # the Shaw tables are checked by _check_shaw
+    elif not shaw:  # the Shaw tables are checked by _spec.check_shaw
         for name, edges in (("rel_k", rel_k), ("rel_v", rel_v)):
             if edges is not None:
                 _spec.dense_edge_layout(name, tuple(edges.shape), d)
@@ -185,37 +188,15 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
     return d
 
 
-def _check_shaw(rel_k, rel_v, rel_ids, max_distance, q_offset, d) -> None:
-    """The Shaw form (``max_distance``) needs tables of 2 * max_distance + 1 rows and no rel_ids."""
-    if max_distance is None:
-        if q_offset is not None:
-            raise ValueError("q_offset describes Shaw ids and needs max_distance; got max_distance=None")
-        return
-    if rel_ids is not None:
-        raise ValueError("pass either rel_ids or max_distance (implied Shaw ids), not both")
-    _spec.check_positions(d.T, d.S, max_distance)
-    if rel_k is None and rel_v is None:
-        raise ValueError("max_distance was given but both rel_k and rel_v are None; pass at least one relation table")
-    for name, table in (("rel_k", rel_k), ("rel_v", rel_v)):
-        if table is not None:
-            _spec.table_layout(name, tuple(table.shape), d)
-            if table.shape[0] != 2 * max_distance + 1:
-                raise ValueError(
-                    f"{name} must have R = 2 * max_distance + 1 = {2 * max_distance + 1} rows for "
-                    f"max_distance={max_distance}, got shape {_spec.fmt(table.shape)}"
-                )
-
-
 def _choose(implementation, q, rel_ids, mask, is_causal, dropout_p, max_distance, q_offset, d) -> str:
     """The implementation to run: the named one, or for "auto" the fastest exact one."""
     impl = "auto" if implementation is None else implementation
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    offset = d.S - d.T if q_offset is None else q_offset
     shaw_ok = (
         max_distance is not None and mask is None and dropout_p == 0.0
         and q.dtype in (torch.float32, torch.float64) and q.device.type == "cpu"
-        and shaw.supports(d.T, d.S, offset, max_distance, is_causal)
+        and shaw_supports(d.T, d.S, q_offset, max_distance, is_causal)
     )
     if impl == "shaw" and not shaw_ok:
         raise ValueError(

@@ -26,7 +26,9 @@ def blockwise_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=N
 
     Args:
         q: [B, T, N, H]; k, v: [B, S, N, H]; rel_k, rel_v, rel_ids, mask, is_causal, scale,
-            dropout_p, max_distance, q_offset: as in ``relative_attention``.
+            dropout_p, max_distance: as in ``relative_attention``.
+        q_offset: with ``max_distance``, the resolved offset of query 0 (``relative_attention``
+            passes S - T when the caller gave none).
         block: query rows per block; default ``BLOCK_ROWS``.
 
     Returns:
@@ -53,15 +55,14 @@ def _block_args(q, rel_k, rel_v, rel_ids, mask, is_causal, max_distance, q_offse
     if mask is not None and mask.dim() >= 2 and mask.shape[-2] == T:
         mask = mask[..., i0:i1, :]
     causal_offset = S - T + i0 if is_causal else None  # rows i0.. of the bottom-right causal mask
-    offset = None if max_distance is None else (S - T if q_offset is None else q_offset) + i0
+    offset = None if max_distance is None else q_offset + i0
     return rel_k, rel_v, rel_ids, mask, causal_offset, max_distance, offset
 
 
 def _edge_rows(name, edges, d, i0, i1):
     if edges is None:
         return None
-    letters = "BTSNH"[-edges.dim() :] if edges.dim() != 3 else "TSH"
-    axis = letters.index("T")
+    axis = _spec.dense_t_axis(edges.dim())
     return edges if edges.shape[axis] == 1 else edges.narrow(axis, i0, i1 - i0)
 
 

@@ -56,9 +56,8 @@ def init_kv_cache(
     batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=None, device=None
 ) -> KVCache:
     """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros."""
-    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _spec.check_int("batch_size", batch_size)
+    _spec.check_int("max_length", max_length)
     shape = (batch_size, max_length, num_heads, head_dim)
     k = torch.zeros(shape, dtype=dtype, device=device)
     return KVCache(k, torch.zeros_like(k), torch.zeros((), dtype=torch.int64, device=k.device))
@@ -98,14 +97,6 @@ def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask:
     return new.k, new.v, combine_masks(mask, visible), offset, new
 
 
-def check_cache_call(key, value, q_offset) -> None:
-    """A cache serves causal self-attention: no separate key/value, no q_offset."""
-    if key is not None or value is not None:
-        raise ValueError("cache is for self-attention: pass only query (key and value must be None) with cache=")
-    if q_offset is not None:
-        raise ValueError(f"q_offset must be None with cache= (the cache length is the offset), got {q_offset!r}")
-
-
 def _check_type(cache) -> None:
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
@@ -113,19 +104,8 @@ def _check_type(cache) -> None:
 
 def _check_update(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     _check_type(cache)
-    B, T, N, H = k_new.shape
-    want = (B, cache.max_length, N, H)
-    if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want:
-        raise ValueError(
-            f"cache buffers must be [B, S, N, H] = {_spec.fmt(want)} for this input, "
-            f"got k {_spec.fmt(cache.k.shape)} and v {_spec.fmt(cache.v.shape)}"
-        )
+    _spec.check_cache_buffers(tuple(cache.k.shape), tuple(cache.v.shape), tuple(k_new.shape), cache.max_length)
     if cache.k.dtype != k_new.dtype or cache.v.dtype != v_new.dtype:
         raise TypeError(f"cache dtype must be the keys' dtype {k_new.dtype}, got {cache.k.dtype}")
     if not torch.compiler.is_compiling():
-        length = int(cache.length)
-        if length + T > cache.max_length:
-            raise ValueError(
-                f"cache overflow: cache length {length} + {T} new positions > max_length {cache.max_length}; "
-                f"create the cache with a larger max_length"
-            )
+        _spec.check_cache_room(int(cache.length), k_new.shape[1], cache.max_length)

@@ -82,8 +82,7 @@ def left_pad(prompt: torch.Tensor, lengths: torch.Tensor, max_length: int):
 def _check_args(prompt, max_new_tokens, temperature, prompt_lengths) -> tuple[int, int]:
     if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _spec.check_int("max_new_tokens", max_new_tokens)
     if not float(temperature) >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     B, P = prompt.shape

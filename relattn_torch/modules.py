@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _spec
 from .attention import relative_attention
-from .cache import KVCache, attend_cache, check_cache_call, init_kv_cache
+from .cache import KVCache, attend_cache, init_kv_cache
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -117,7 +117,7 @@ class RelativeMultiHeadAttention(nn.Module):
             [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
         """
         if cache is not None:
-            check_cache_call(key, value, q_offset)
+            _spec.check_cache_call(key, value, q_offset)
         key = query if key is None else key
         value = key if value is None else value
         _spec.check_model_input("query", tuple(query.shape), self.embed_dim)

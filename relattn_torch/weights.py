@@ -11,35 +11,12 @@ saved from either framework give byte-identical files. Buffers are not saved.
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import NamedTuple
-
-import safetensors
 import torch
 
-# One key only: the serializer keeps metadata in a hash map, so two keys would come
-# out in a per-process random order and break byte-identical files.
-METADATA = {"format": "relattn-v1"}
+from ._weightfile import METADATA, LoadResult, Mismatch, compare, describe, read, write  # noqa: F401 (re-exported)
+
 # safetensors header dtype -> this framework's dtype (parameters are floating).
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class Mismatch(NamedTuple):
-    """A file tensor whose shape (or non-floating dtype) does not fit its parameter."""
-
-    name: str
-    expected: tuple[int, ...]
-    found: tuple[int, ...]
-    found_dtype: str
-
-
-class LoadResult(NamedTuple):
-    """What ``load_weights`` could not load (all empty after a complete load)."""
-
-    missing: list[str]  # parameters of the module absent from the file
-    unexpected: list[str]  # file tensors that name no parameter
-    mismatched: list[Mismatch]  # same name, wrong shape or non-floating dtype
 
 
 def save_weights(module: torch.nn.Module, path) -> None:
@@ -50,7 +27,7 @@ def save_weights(module: torch.nn.Module, path) -> None:
     written to a temporary name and renamed, so a crash never leaves half a file.
     """
     arrays = {name: _to_bytes(p) for name, p in sorted(module.named_parameters())}
-    _write(arrays, path)
+    write(arrays, path)
 
 
 def load_weights(module: torch.nn.Module, path, *, strict: bool = True) -> LoadResult:
@@ -74,12 +51,12 @@ def load_weights(module: torch.nn.Module, path, *, strict: bool = True) -> LoadR
         ValueError: the file is not a readable safetensors file (e.g. truncated), or
             ``strict`` and the file does not match the module.
     """
-    found = _read(path)
+    found = read(path)
     params = dict(module.named_parameters())
     expected = {n: tuple(p.shape) for n, p in params.items()}
-    result = _compare(expected, found)
+    result = compare(expected, found)
     if strict and any(result):
-        raise ValueError(_describe(path, result, expected, found))
+        raise ValueError(describe(path, result, expected, found))
     bad = set(result.missing) | {m.name for m in result.mismatched}
     new = {n: _from_bytes(*found[n]).to(params[n].dtype) for n in params if n not in bad}
     with torch.no_grad():
@@ -98,66 +75,3 @@ def _from_bytes(dtype: str, shape, data: bytes) -> torch.Tensor:
     if not data:
         return torch.empty(shape, dtype=_DTYPES[dtype])
     return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype]).reshape(shape)
-
-
-# ---- framework-free helpers: identical in relattn_jax/weights.py ----
-
-
-def _write(arrays: dict, path) -> None:
-    """Serialize {name: (dtype name, shape, uint8 array)} and write it atomically."""
-    if sys.byteorder != "little":
-        raise RuntimeError("save_weights writes little-endian data and needs a little-endian machine")
-    specs = {
-        name: safetensors.TensorSpec(dtype=dtype, shape=list(shape), data_ptr=raw.ctypes.data, data_len=raw.nbytes)
-        for name, (dtype, shape, raw) in arrays.items()
-    }
-    data = bytes(safetensors.serialize(specs, metadata=METADATA))
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _read(path) -> dict:
-    """{name: (header dtype, shape, bytes)} of a safetensors file; ValueError if unreadable."""
-    with open(os.fspath(path), "rb") as f:
-        data = f.read()
-    try:
-        entries = safetensors.deserialize(data)
-    except Exception as err:  # SafetensorError, or a header the parser rejects
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a readable safetensors file ({len(data)} bytes; "
-            f"truncated or not safetensors): {err}"
-        ) from None
-    return {name: (e["dtype"], tuple(e["shape"]), e["data"]) for name, e in entries}
-
-
-def _compare(expected: dict, found: dict) -> LoadResult:
-    """Match {name: shape} of the module against {name: (dtype, shape, bytes)} of the file."""
-    missing = sorted(n for n in expected if n not in found)
-    unexpected = sorted(n for n in found if n not in expected)
-    mismatched = [
-        Mismatch(n, expected[n], found[n][1], found[n][0])
-        for n in sorted(expected)
-        if n in found and (found[n][1] != expected[n] or found[n][0] not in _DTYPES)
-    ]
-    return LoadResult(missing, unexpected, mismatched)
-
-
-def _describe(path, result: LoadResult, expected: dict, found: dict) -> str:
-    """One message naming every offending tensor with expected vs found shape."""
-
-    def fmt(shape):
-        return "[" + ", ".join(map(str, shape)) + "]"
-
-    lines = [f"weight file {os.fspath(path)!r} does not match the module (nothing was loaded):"]
-    lines += [f"  missing: {n}: expected shape {fmt(expected[n])}, found nothing" for n in result.missing]
-    lines += [
-        f"  unexpected: {n}: expected nothing, found shape {fmt(found[n][1])} {found[n][0]}" for n in result.unexpected
-    ]
-    lines += [
-        f"  mismatched: {m.name}: expected shape {fmt(m.expected)} (floating), found {fmt(m.found)} {m.found_dtype}"
-        for m in result.mismatched
-    ]
-    return "\n".join(lines)

@@ -72,6 +72,15 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+def decays(name: str) -> bool:
+    """Weight decay applies to kernels, embeddings and tables, not to biases or LayerNorm.
+
+    ``name`` is a canonical parameter name ("blocks.0.attn.b_q") or its last part.
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    return not (leaf.startswith("b_") or leaf in ("scale", "bias"))
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup from 0 to ``lr``, then cosine decay to ``lr * end_lr_ratio`` at ``steps``.
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import tasks
-from .config import TrainConfig
+from .config import TrainConfig, decays
 from .report import MetricsLog, progress
 
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
@@ -45,11 +45,6 @@ def build_model(cfg: TrainConfig, *, seed: int | None = None):
     dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else None
     seed = cfg.seed if seed is None else seed
     return DecoderLM(DecoderConfig(**cfg.decoder_kwargs()), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
-
-
-def decays(name: str) -> bool:
-    """Weight decay applies to kernels, embeddings and tables, not to biases or LayerNorm."""
-    return not (name.startswith("b_") or name in ("scale", "bias"))
 
 
 def _decay_mask(params):

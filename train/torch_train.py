@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .config import TrainConfig, lr_at
+from .config import TrainConfig, decays, lr_at
 from .report import MetricsLog, progress
 
 
@@ -34,12 +34,6 @@ def build_model(cfg: TrainConfig, *, device=None):
     dtype = torch.float64 if cfg.precision == "float64" else torch.float32
     torch.manual_seed(cfg.seed)
     return DecoderLM(DecoderConfig(**cfg.decoder_kwargs()), device=device, dtype=dtype)
-
-
-def decays(name: str) -> bool:
-    """Weight decay applies to kernels, embeddings and tables, not to biases or LayerNorm."""
-    leaf = name.rsplit(".", 1)[-1]
-    return not (leaf.startswith("b_") or leaf in ("scale", "bias"))
 
 
 def make_optimizer(cfg: TrainConfig, model) -> torch.optim.AdamW:
