@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _spec
 from .blockwise import blockwise_attention
+from .dense import edge_key_term, edge_value_term
 from .masks import causal_mask, combine_masks
 from .positions import relative_position_ids
 from .shaw import shaw_attention
@@ -134,7 +135,7 @@ def _key_term(q, rel_k, rel_ids, d) -> jax.Array:
     """q_i . a^K_ij as [B, N, T, S]."""
     if rel_ids is None:
         letters, edges = _edges("rel_k", rel_k, d)
-        return jnp.einsum(f"BTNH,{letters}->BNTS", q, edges)
+        return edge_key_term(q, edges, letters)
     layout = _spec.table_layout("rel_k", tuple(rel_k.shape), d)
     q_rel = jnp.einsum(f"BTNH,{layout}->BNTR", q, rel_k)  # [B, N, T, R]
     return jnp.take_along_axis(q_rel, _index(rel_ids, d), axis=-1)
@@ -144,7 +145,7 @@ def _value_term(probs, rel_v, rel_ids, d) -> jax.Array:
     """sum_j alpha_ij a^V_ij as [B, T, N, H]."""
     if rel_ids is None:
         letters, edges = _edges("rel_v", rel_v, d)
-        return jnp.einsum(f"BNTS,{letters}->BTNH", probs, edges)
+        return edge_value_term(probs, edges, letters)
     layout = _spec.table_layout("rel_v", tuple(rel_v.shape), d)
     b, n, t = np.ogrid[: d.B, : d.N, : d.T]
     buckets = jnp.zeros((d.B, d.N, d.T, rel_v.shape[0]), probs.dtype)  # [B, N, T, R]

@@ -16,6 +16,7 @@ import torch
 
 from . import _spec
 from .blockwise import blockwise_attention
+from .dense import edge_key_term, edge_value_term
 from .masks import causal_mask, combine_masks
 from .positions import relative_position_ids
 from .shaw import shaw_attention, supports as shaw_supports
@@ -127,7 +128,7 @@ def _key_term(q, rel_k, rel_ids, d) -> torch.Tensor:
     """q_i . a^K_ij as [B, N, T, S]."""
     if rel_ids is None:
         letters, edges = _edges("rel_k", rel_k, d)
-        return torch.einsum(f"BTNH,{letters}->BNTS", q, edges)
+        return edge_key_term(q, edges, letters)
     layout = _spec.table_layout("rel_k", tuple(rel_k.shape), d)
     q_rel = torch.einsum(f"BTNH,{layout}->BNTR", q, rel_k)  # [B, N, T, R]
     return torch.gather(q_rel, -1, _index(rel_ids, d))
@@ -137,7 +138,7 @@ def _value_term(probs, rel_v, rel_ids, d) -> torch.Tensor:
     """sum_j alpha_ij a^V_ij as [B, T, N, H]."""
     if rel_ids is None:
         letters, edges = _edges("rel_v", rel_v, d)
-        return torch.einsum(f"BNTS,{letters}->BTNH", probs, edges)
+        return edge_value_term(probs, edges, letters)
     layout = _spec.table_layout("rel_v", tuple(rel_v.shape), d)
     buckets = probs.new_zeros(d.B, d.N, d.T, rel_v.shape[0])  # [B, N, T, R]
     buckets = buckets.scatter_add(-1, _index(rel_ids, d), probs)
