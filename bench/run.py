@@ -39,8 +39,10 @@ def parse(argv=None):
     p.add_argument("--impls", nargs="+", default=None, help="subset of contestants")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", choices=["all", "ours_floor", "none"], default=None)
-    p.add_argument("--dense-max-s", type=int, default=256, help="largest S for the dense-edge contestants")
-    p.add_argument("--quadratic-max-s", type=int, default=4096, help="largest S for gather/scatter and HF peers")
+    p.add_argument("--dense-max-s", type=int, default=512, help="largest S for the dense-edge contestants")
+    p.add_argument("--quadratic-max-s", type=int, default=8192, help="largest S for gather/scatter and HF peers, forward")
+    p.add_argument("--quadratic-max-s-fwdbwd", type=int, default=4096,
+                   help="largest S for gather/scatter and HF peers, forward + backward (at 8192 they need > 24 GiB)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per process (0: framework default)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
     p.add_argument("--out", default="runs/bench")
@@ -51,23 +53,33 @@ def parse(argv=None):
     a = p.parse_args(argv)
     a.sizes = a.sizes or ([256, 512] if a.quick else SIZES)
     a.memory = a.memory or ("ours_floor" if a.quick else "all")
+    if a.quick:
+        a.dense_max_s = min(a.dense_max_s, 256)
     return a
 
 
 def contestants(args, fw, S, causal, mode):
+    """(contestants to run, {contestant: why it is skipped}) for one group."""
     names = [n for n in IMPLS[fw] if args.impls is None or n in args.impls]
-    out = []
+    out, skipped = [], {}
+    gib = args.B * args.N * S * S * 4 / 2**30  # one float32 [B, N, T, S] tensor
     for n in names:
-        if n in DENSE and (causal or S > args.dense_max_s):
+        if n in DENSE and causal:
+            continue  # the seed-1 code has no mask: dense rows are non-causal only
+        if n in DENSE and S > args.dense_max_s:
+            edge_gib = S * S * args.N * args.H * 4 / 2**30
+            skipped[n] = f"skipped: two [S,S,N,H] edge tensors of {edge_gib:.1f} GiB each (--dense-max-s)"
             continue
-        if n in QUADRATIC and S > args.quadratic_max_s:
+        limit = args.quadratic_max_s if mode == "fwd" else args.quadratic_max_s_fwdbwd
+        if n in QUADRATIC and S > limit:
+            skipped[n] = f"skipped: holds several [B,N,T,S] tensors of {gib:.0f} GiB each (--quadratic-max-s)"
             continue
         if n == "flex" and mode != "fwd":
             continue
         if n == "ours_compile" and args.quick:
             continue
         out.append(n)
-    return out
+    return out, skipped
 
 
 def run_case(spec, timeout):
@@ -93,7 +105,7 @@ def main(argv=None):
             for causal in (c == "true" for c in args.causal):
                 for mode in args.modes:
                     case = dict(B=args.B, S=S, N=args.N, H=args.H, K=args.K, causal=causal, mode=mode)
-                    names = contestants(args, fw, S, causal, mode)
+                    names, skipped = contestants(args, fw, S, causal, mode)
                     spec = dict(framework=fw, case=case, impls=names, repeats=args.repeats, threads=args.threads)
                     res = run_case(spec, args.timeout)
                     mem_names = {"all": names, "none": [], "ours_floor": ["ours", "floor"]}[args.memory]
@@ -104,7 +116,7 @@ def main(argv=None):
                         res[n]["peak_mib"] = m.get("peak_mib", None)
                         if "error" in m and "error" not in res[n]:
                             res[n]["memory_error"] = m["error"]
-                    for n, r in res.items():
+                    for n, r in {**res, **{n: {"error": why} for n, why in skipped.items()}}.items():
                         rows.append(dict(framework=fw, impl=n, **case, **r))
                     print(f"[{time.time() - t0:6.0f}s] {fw} S={S} causal={causal} {mode}: "
                           + ", ".join(f"{n} {r['median_s'] * 1e3:.0f}ms" if "median_s" in r else f"{n} ERR"

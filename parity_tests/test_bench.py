@@ -1,0 +1,100 @@
+"""The benchmark contestants compute the function they claim to, so the bench compares like with like.
+
+Each peer in ``bench/peers_{torch,jax}.py`` is run on small float64 inputs and compared with our
+reference path (itself checked against the oracle in test_core), and one tiny benchmark group runs
+end to end through ``bench.case`` (timing rows and a memory row), as ``bench.run`` runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .numerics import assert_close
+
+B, T, N, H, K = 2, 7, 2, 4, 2
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = {n: rng.standard_normal((B, T, N, H)) for n in ("q", "k", "v")}
+    x["rel_k"], x["rel_v"] = rng.standard_normal((2 * K + 1, H)), rng.standard_normal((2 * K + 1, H))
+    return x
+
+
+def _dense_inputs(seed=1):
+    rng = np.random.default_rng(seed)
+    x = {"X": rng.standard_normal((B, T, N, H))}
+    x.update({w: rng.standard_normal((N, H, H)) for w in ("W_Q", "W_K", "W_V")})
+    x["a_K"], x["a_V"] = rng.standard_normal((T, T, N, H)), rng.standard_normal((T, T, N, H))
+    return x
+
+
+def torch_lib():
+    import relattn_torch
+
+    return relattn_torch
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_peers_match_ours(causal):
+    torch = pytest.importorskip("torch")
+    from bench import peers_torch as P
+
+    x = {n: torch.from_numpy(a) for n, a in _inputs().items()}
+    ours = P.ours(**x, K=K, causal=causal).numpy()
+    assert_close(P.naive_shaw(**x, K=K, causal=causal).numpy(), ours)
+    keys_only = P.ours(**{**x, "rel_v": None}, K=K, causal=causal).numpy()
+    assert_close(P.hf_relative_key(x["q"], x["k"], x["v"], x["rel_k"], K=K, causal=causal).numpy(), keys_only)
+    plain = torch_lib().relative_attention(x["q"], x["k"], x["v"], is_causal=causal).numpy()
+    assert_close(P.floor(x["q"], x["k"], x["v"], causal=causal).numpy(), plain)
+    assert not np.allclose(ours, plain)  # the relative terms matter at these sizes
+
+
+def test_torch_seed1_peer_matches_ours_dense():
+    torch = pytest.importorskip("torch")
+    from bench import peers_torch as P
+
+    x = {n: torch.from_numpy(a) for n, a in _dense_inputs().items()}
+    assert_close(P.seed1(**x).numpy(), P.ours_dense(**x).numpy())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_jax_peers_match_ours(causal):
+    pytest.importorskip("jax")
+    from bench import peers_jax as P
+
+    x = _inputs()
+    ours = np.asarray(P.ours(**x, K=K, causal=causal))
+    assert_close(np.asarray(P.naive_shaw(**x, K=K, causal=causal)), ours)
+    keys_only = np.asarray(P.ours(**{**x, "rel_v": None}, K=K, causal=causal))
+    assert_close(np.asarray(P.hf_relative_key(x["q"], x["k"], x["v"], x["rel_k"], K=K, causal=causal)), keys_only)
+    dense = _dense_inputs()
+    assert_close(np.asarray(P.seed1(**dense)), np.asarray(P.ours_dense(**dense)))
+
+
+def test_jax_floor_peer_is_plain_attention():
+    pytest.importorskip("jax")
+    from bench import peers_jax as P
+
+    x = _inputs()
+    import relattn_jax
+
+    plain = np.asarray(relattn_jax.relative_attention(x["q"], x["k"], x["v"], is_causal=True))
+    # jax.nn.dot_product_attention computes its softmax in float32 whatever the input dtype
+    np.testing.assert_allclose(np.asarray(P.floor(x["q"], x["k"], x["v"], causal=True)), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bench_case_runs_a_group(framework):
+    pytest.importorskip(framework)
+    from bench import case
+
+    spec = dict(framework=framework, case=dict(B=1, S=32, N=2, H=8, K=2, causal=False, mode="fwdbwd"),
+                impls=["ours", "floor", "naive_shaw", "no_such_peer"], repeats=2)
+    res = case.main(spec)
+    for n in ("ours", "floor", "naive_shaw"):
+        assert len(res[n]["times_s"]) == 2 and res[n]["median_s"] > 0, n
+    assert "error" in res["no_such_peer"] and "median_s" not in res["no_such_peer"]
+    mem = case.main(dict(spec, impls=["ours"], repeats=1, memory=True))
+    assert mem["ours"]["peak_mib"] >= 0
