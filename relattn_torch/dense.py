@@ -7,9 +7,11 @@ one) query rows, so the work is bound by reading the edges once. An einsum batch
 first copies the edges into [T, N, H, S] order (73-97 ms for 128 MiB on a 2-core CPU, longer than
 the whole product). Here the N axis is a Python loop of N matrix products, each batched over T
 on a strided [T, S, H] view of the edges, which BLAS reads with a leading dimension of N * H and
-no copy; the backward is written the same way (a custom autograd function, since autograd
-through per-head slices would allocate a full edge-sized zero gradient per head). Measured at
-B=2, T=S=256, N=8, H=64 (float32): key term 107 -> 25 ms, value term 67 -> 23 ms.
+no copy, against a small contiguous per-head copy of the queries or weights (BLAS ran these
+GEMV-shaped products up to 1.2x faster single-threaded than with strided small operands). The backward is written
+the same way (a custom autograd function: autograd through per-head slices would allocate a full
+edge-sized zero gradient per head). Measured at B=2, T=S=256, N=8, H=64 (float32, 2 threads):
+key term 107 -> 25 ms, value term 67 -> 23 ms.
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no copy.
 
 The JAX twin computes the same functions with XLA-friendly forms instead (see its docstring).
@@ -55,22 +57,52 @@ def edge_value_term(probs: torch.Tensor, edges: torch.Tensor, letters: str) -> t
 
 def _contract_h(x, edges, batched):
     """x [B, T, N, H], edges [(B,) T, S, N, H] -> [B, N, T, S]: sum over H of x * edges."""
-    eq = "BTH,BTSH->BTS" if batched else "BTH,TSH->BTS"
-    return torch.stack([torch.einsum(eq, xn, en) for xn, en in zip(x.unbind(2), edges.unbind(-2))], dim=1)
+    B, T, N, H = x.shape
+    S = edges.shape[-3]
+    if batched:  # one [1, H] x [H, S] product per (b, t)
+        xs = x.permute(2, 0, 1, 3).contiguous().view(N, B * T, 1, H)
+        out = x.new_empty(N, B * T, 1, S)
+        for n, en in enumerate(edges.unbind(-2)):
+            torch.bmm(xs[n], en.reshape(B * T, S, H).transpose(1, 2), out=out[n])
+        return out.view(N, B, T, S).transpose(0, 1)
+    xs = x.permute(2, 1, 0, 3).contiguous()  # [N, T, B, H], a small contiguous copy
+    out = x.new_empty(N, T, B, S)
+    for n, en in enumerate(edges.unbind(-2)):
+        torch.bmm(xs[n], en.transpose(1, 2), out=out[n])
+    return out.permute(2, 0, 1, 3)
 
 
 def _contract_s(y, edges, batched):
     """y [B, N, T, S], edges [(B,) T, S, N, H] -> [B, T, N, H]: sum over S of y * edges."""
-    eq = "BTS,BTSH->BTH" if batched else "BTS,TSH->BTH"
-    return torch.stack([torch.einsum(eq, yn, en) for yn, en in zip(y.unbind(1), edges.unbind(-2))], dim=2)
+    B, N, T, S = y.shape
+    H = edges.shape[-1]
+    if batched:
+        ys = y.transpose(0, 1).contiguous().view(N, B * T, 1, S)
+        out = y.new_empty(N, B * T, 1, H)
+        for n, en in enumerate(edges.unbind(-2)):
+            torch.bmm(ys[n], en.reshape(B * T, S, H), out=out[n])
+        return out.view(N, B, T, H).permute(1, 2, 0, 3)
+    ys = y.permute(1, 2, 0, 3).contiguous()  # [N, T, B, S]
+    out = y.new_empty(N, T, B, H)
+    for n, en in enumerate(edges.unbind(-2)):
+        torch.bmm(ys[n], en, out=out[n])
+    return out.permute(2, 1, 0, 3)
 
 
 def _outer(y, x, shape, batched):
-    """y [B, N, T, S], x [B, T, N, H] -> edges-shaped y * x, summed over B unless ``batched``."""
-    eq = "BTS,BTH->BTSH" if batched else "BTS,BTH->TSH"
+    """y [B, N, T, S], x [B, T, N, H] -> edges-shaped y * x, summed over B unless ``batched``.
+
+    Written with differentiable ops only (no ``out=``), as it runs inside the backward.
+    """
     out = y.new_empty(shape)
-    for n, (yn, xn) in enumerate(zip(y.unbind(1), x.unbind(2))):
-        out.select(-2, n).copy_(torch.einsum(eq, yn, xn))
+    if batched:
+        for n in range(y.shape[1]):
+            out.select(-2, n).copy_(y[:, n, :, :, None] * x[:, :, n, None, :])
+        return out
+    ys = y.permute(1, 2, 3, 0).contiguous()  # [N, T, S, B]
+    xs = x.permute(2, 1, 0, 3).contiguous()  # [N, T, B, H]
+    for n in range(y.shape[1]):
+        out.select(-2, n).copy_(torch.bmm(ys[n], xs[n]))
     return out
 
 
