@@ -24,12 +24,16 @@ def _tol(ref):
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 3 query rows, so T = 7 spans three band blocks and three long-sequence blocks."""
+    """Blocks of 3 query rows, so T = 7 spans three band blocks and three long-sequence blocks.
+
+    The torch Shaw path's chunks shrink to 3 rows (backward) / 6 rows (forward) for B N H = 2 3 4.
+    """
     import relattn_jax.blockwise
     import relattn_torch.blockwise
     import relattn_torch.shaw
 
     monkeypatch.setattr(relattn_torch.shaw, "BAND_BLOCK", 3)
+    monkeypatch.setattr(relattn_torch.shaw, "CHUNK_ELEMENTS", 3 * B * N * H)
     monkeypatch.setattr(relattn_torch.blockwise, "BLOCK_ROWS", 3)
     monkeypatch.setattr(relattn_jax.blockwise, "BLOCK_ROWS", 3)
 
@@ -266,3 +270,65 @@ def test_torch_shaw_rejects_unsupported_causal_offset():
     ref = _oracle_shaw(x, 1, -3, 4, 4, is_causal=True)  # 'auto' falls back and stays exact
     out = be.attention(x, max_distance=1, q_offset=-3, is_causal=True, scale=SCALE)
     assert np.abs(out - ref).max() <= _tol(ref)
+
+
+# (T, S, K, q_offset or None = S - T, causal): longer than a chunk, so the tails are cut into several
+# chunks, the backward tiles their rectangles, and the right tail's reversed triangles sit at chunk edges
+CHUNKED_SHAW_CASES = [
+    (13, 13, 1, None, False),
+    (13, 13, 2, None, True),
+    (11, 16, 2, None, True),  # T != S, queries at the end
+    (16, 9, 3, 2, False),
+    (14, 14, 0, 0, False),  # no band: both tails use table row 0
+    (12, 12, 4, -5, False),  # negative offset
+    (10, 6, 1, 8, True),  # causal with T > S: the first rows see no key
+]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7])
+@pytest.mark.parametrize("case", CHUNKED_SHAW_CASES, ids=lambda c: "T{}S{}K{}o{}c{}".format(*c))
+def test_torch_shaw_chunks_and_tiles(case, chunk_rows, monkeypatch):
+    """Chunk sizes of 1, 3 and 7 backward rows (band block 3 or 1) give the oracle's output, the reference grads."""
+    import relattn_torch.shaw
+
+    T, S, K, off, causal = case
+    monkeypatch.setattr(relattn_torch.shaw, "CHUNK_ELEMENTS", chunk_rows * B * N * H)
+    monkeypatch.setattr(relattn_torch.shaw, "BAND_BLOCK", 1 if chunk_rows == 1 else 3)
+    be = backend("torch")
+    x = _shaw_inputs(13, T, S, K, shared=chunk_rows != 3)
+    q_offset = S - T if off is None else off
+    ref = _oracle_shaw(x, K, q_offset, T, S, is_causal=causal)
+    kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE)
+    cot = np.random.default_rng(5).normal(size=ref.shape)
+    out, grads = be.attention_grads(x, cot, implementation="shaw", **kw)
+    assert np.abs(out - ref).max() <= _tol(ref)
+    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
+    for name, g in grads.items():
+        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+
+
+def test_torch_shaw_tail_calls_cover_each_tail_once():
+    """Every (query, key) pair of a tail is in exactly one fused call, for every chunk and tile size."""
+    from relattn_torch.shaw import tail_calls
+
+    for T, S, K, off, causal in CHUNKED_SHAW_CASES + [(c[0], c[1], c[2], c[3], c[4]) for c in SHAW_CASES]:
+        q_offset = S - T if off is None else off
+        d = np.arange(S)[None, :] - np.arange(T)[:, None] - q_offset
+        visible = d <= S - T - q_offset if causal else np.ones((T, S), bool)
+        want = {0: (visible & (d <= -K)).astype(int)}  # table row -> how often each pair is covered
+        want[2 * K] = want.get(2 * K, 0) + (visible & (d >= max(K, 1)))  # K = 0: one row for both tails
+        for rows in (1, 2, 5, T):
+            for tile in (None, 1, 3):
+                seen = {0: np.zeros((T, S), int), 2 * K: np.zeros((T, S), int)}
+                for r0 in range(0, T, rows):
+                    for c in tail_calls(T, S, q_offset, K, S - T if causal else None, (r0, min(r0 + rows, T)), tile):
+                        (lo, hi), (s0, s1) = c.rows, c.keys
+                        assert lo < hi and s0 < s1 and (tile is None or c.causal or s1 - s0 <= tile)
+                        u, t = np.arange(hi - lo)[:, None], np.arange(s1 - s0)[None, :]
+                        hit = (t <= u) if c.causal else np.ones((hi - lo, s1 - s0), bool)
+                        if c.flip:
+                            hit = hit[::-1, ::-1]
+                        assert hit[0 if not c.flip else -1].any()  # the call's first row sees a key
+                        seen[c.row][lo:hi, s0:s1] += hit
+                for row in want:
+                    np.testing.assert_array_equal(seen[row], want[row])

@@ -1,22 +1,44 @@
 """Exact Shaw attention: fused attention on the clipped tails, O(T*k) work on the band (PyTorch).
 
-Dimension legend as in ``attention.py``: B T S N H R.
+Dimension legend as in ``attention.py``: B T S N H R. U below is one [B, T, N, H] buffer.
 
 Shaw ids r_ij = clip(j - i - q_offset, -K, K) + K (K = max_distance, R = 2K + 1) split each
 query row into three key sets, d = j - i - q_offset:
     left tail   d <= -K          a_ij = table[0]       (one row for the whole tail)
     band        -K < d < K       a_ij = table[d + K]   (2K - 1 diagonals)
     right tail  d >= max(K, 1)   a_ij = table[2K]
-On a tail the key term q_i . a^K is a per-row constant: softmax ignores it except through the
-log-sum-exp, and the value term is the tail's probability mass times one table row. So each tail
-is plain attention over a shifted triangle, run by torch's fused CPU flash kernel (which returns
-its log-sum-exp and skips masked blocks; the right tail runs on flipped sequences). The band is
-done in query blocks of ``block`` rows by small batched matmuls. Pieces merge by log-sum-exp.
+On a tail the key term is a per-row constant and the value term one table row, so a tail is plain
+attention: torch's fused CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its
+backward) runs it, reading strided [B, N, L, H] views of our [B, L, N, H] tensors (no copies) and
+skipping the masked blocks of a causal call. The band runs in blocks of ``block`` query rows, each
+against a window of P * block keys (P = ceil((block + 2K - 2) / block)), by batched matmuls.
 
-The backward reuses the fused kernel's backward with the merged log-sum-exp (shifted by the tail's
-constant) and the merged output (shifted by the tail's value row), which makes the kernel's
-internal rowsum(dO * O) equal dz . (z - a^V_tail): exactly the softmax-Jacobian term of the full
-attention. No [B, N, T, S] tensor exists in either direction; memory is O(B N (T + S) (H + K)).
+Chunks. The query rows are cut into chunks of C rows (a multiple of ``block``; C * B * N * H is about
+``CHUNK_ELEMENTS``, so one chunk at S = 2048 and four at S = 8192 for B N H = 2 8 64), and every
+temporary is at most a few [B, N, C, H] (or [B, N, C, P * block]) buffers. For rows [r0, r1) a tail
+is a rectangle (keys that every row of the chunk sees) plus a triangle of at most C^2 / 2 entries
+(``tail_calls``): the left triangle is a top-left causal call; the right one, mirrored, is a causal
+call on reversed copies of only that chunk's rows and keys. The rectangles are not copied.
+
+Forward, per chunk: the band gives (o, lse) over [B, N, C / block, block, P * block] logits (the
+key-table term added through a skewed strided view, off-band entries -inf); z and lse start from
+it. Each tail call runs with attn_mask = the tail's [B, N, rows, 1] column of scale * q . a^K (the
+kernel adds it to every logit of the row, so its lse is the tail's exact one), and o + a^V_tail
+merges into z [B, T, N, H] (the output buffer) and lse [B, N, T] by log-sum-exp. Saved for the
+backward: the inputs, z and lse; no per-piece outputs.
+
+Backward, per chunk, with D = rowsum(dz * z): each tail call, its rectangle tiled to at most C keys,
+runs the fused backward with key k + a^K_tail (so the logits are the exact ones, dq includes the
+key-table term, and the tile's summed dk is its d table_K[tail]), the merged lse, and out = z -
+a^V_tail for the chunk (so the kernel's rowsum(dO * O) is dz . (z - a^V_tail): the softmax-Jacobian
+term of the full attention; the summed dv is d table_V[tail]). The band recomputes its
+probabilities from lse. dq, dk, dv are allocated once in the layout of q, k, v (autograd takes them
+without a copy); the kernel's per-call gradients ([B, N, C, H] at most) are added into them.
+
+Memory beyond the output, the cotangent and dq / dk / dv: the [B, N, T] lse and O(B N C (H + P *
+block)) of chunk temporaries (k + a^K for one tile, z - a^V, the kernel's per-call dq / dk / dv, the
+reversed copies of one triangle, the band's key windows and logits). No [B, N, T, S] tensor exists
+in either direction; memory is linear in T and S.
 """
 
 from __future__ import annotations
@@ -24,43 +46,60 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 BAND_BLOCK = 32  # query rows per band block
+FWD_FACTOR = 2
+TILE_DIV = 1
+CHUNK_ELEMENTS = 1 << 20  # B * N * rows * H per backward chunk (rows: a multiple of the band block; forward: 2x)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 @dataclass(frozen=True)
 class _Call:
-    """One fused-attention call: query rows / key range in call coordinates (flipped if ``flip``)."""
+    """One fused-attention call over natural query rows / keys; ``flip`` runs it on reversed copies."""
 
     rows: tuple[int, int]
     keys: tuple[int, int]
-    causal: bool
+    causal: bool  # top-left causal in call order (reversed order if flip)
     flip: bool
     row: int  # table row of this tail
 
 
-def tail_calls(T: int, S: int, q_offset: int, max_distance: int, causal_offset: int | None) -> list[_Call]:
-    """The fused calls that cover both tails; ``causal_offset`` is S - T when causal, else None."""
+def tail_calls(T: int, S: int, q_offset: int, max_distance: int, causal_offset: int | None,
+               rows: tuple[int, int] | None = None, tile: int | None = None) -> list[_Call]:
+    """The fused calls that cover both tails for query rows ``rows`` (default all).
+
+    ``causal_offset`` is S - T when causal, else None. ``tile``: at most this many keys per
+    rectangle call (None: one rectangle per tail). Every call's first row sees at least one key.
+    """
     K, R = max_distance, 2 * max_distance + 1
-    big = T + S + 1
-    left = min(q_offset - K, big if causal_offset is None else causal_offset)
-    calls = [_Call(*c, flip=False, row=0) for c in _triangle(T, S, left)]
-    if causal_offset is None:  # key j >= i + q_offset + max(K, 1)  <=>  flipped j' <= i' + c
+    r0, r1 = (0, T) if rows is None else rows
+    left = q_offset - K if causal_offset is None else min(q_offset - K, causal_offset)
+    calls = [_Call(r, s, c, False, 0) for r, s, c in _left(r0, r1, S, left, tile)]
+    if causal_offset is None:  # key j >= i + q_offset + max(K, 1)  <=>  j' <= i' + right (reversed)
         right = S - T - q_offset - max(K, 1)
-        calls += [_Call(*c, flip=True, row=R - 1) for c in _triangle(T, S, right)]
+        for (a0, a1), (b0, b1), c in _left(T - r1, T - r0, S, right, tile):
+            calls.append(_Call((T - a1, T - a0), (S - b1, S - b0), c, c, R - 1))
     return calls
 
 
-def _triangle(T, S, c):
-    """Calls (rows, keys, causal) so that query i sees exactly keys 0 <= j <= min(i + c, S - 1)."""
-    if c >= S - 1:
-        return [((0, T), (0, S), False)]
-    if c <= 0:
-        start = -c  # rows before it see nothing; top-left causal does the rest
-        return [((start, T), (0, S), True)] if start < T and S > 0 else []
-    return [((0, T), (0, c), False), ((0, T), (c, S), True)]
+def _left(r0, r1, S, c, tile):
+    """(rows, keys, causal) calls in which query r0 <= i < r1 sees exactly keys 0 <= j <= min(i + c, S - 1)."""
+    out = []
+    if r1 <= r0 or S <= 0:
+        return out
+    cc = r0 + c  # row r0 sees keys j <= cc
+    if cc >= 0:
+        e = min(cc + 1, S)  # a rectangle every row sees, tiled
+        step = e if tile is None else tile
+        out += [((r0, r1), (s, min(s + step, e)), False) for s in range(0, e, step)]
+        if e < S and r1 - r0 > 1:  # row r0 + 1 + u sees keys cc + 1 .. cc + 1 + u: top-left causal
+            out.append(((r0 + 1, r1), (e, min(S, cc + r1 - r0)), True))
+    elif r1 + c > 0:  # rows before i0 = -c see nothing; row i0 + u sees keys 0 .. u
+        out.append(((-c, r1), (0, min(S, r1 + c)), True))
+    return out
 
 
 def supports(T, S, q_offset, max_distance, is_causal) -> bool:
@@ -85,197 +124,284 @@ def shaw_attention(q, k, v, rel_k, rel_v, *, max_distance: int, q_offset: int, i
     Returns:
         [B, T, N, H]; a query that sees no key returns 0.
     """
-    T, S = q.shape[1], k.shape[1]
-    causal_offset = S - T if is_causal else None
-    calls = tail_calls(T, S, q_offset, max_distance, causal_offset)
+    B, T, N, H = q.shape
     block = BAND_BLOCK if block is None else block
-    geo = _BandGeometry(T, S, q_offset, max_distance, causal_offset, block, q.device)
-    return _ShawFunction.apply(q, k, v, rel_k, rel_v, calls, geo, scale)
+    plan = _Plan(B * N * H, T, k.shape[1], q_offset, max_distance, k.shape[1] - T if is_causal else None, block)
+    return _ShawFunction.apply(q, k, v, rel_k, rel_v, plan, scale)
 
 
-class _BandGeometry:
-    """Index tables of the band in query blocks: block b of rows meets a window of P * block keys."""
+class _Plan:
+    """Chunks of query rows and the band's geometry: block n of b rows meets keys n * b + j_min + [0, P * b)."""
 
-    def __init__(self, T, S, q_offset, K, causal_offset, block, device):
-        self.K, self.b = K, block
-        self.nblk = -(-T // block)
-        self.P = max(1, -(-(block + 2 * K - 2) // block))
+    def __init__(self, BNH, T, S, q_offset, K, causal_offset, block):
+        self.T, self.S, self.q_offset, self.K, self.causal_offset = T, S, q_offset, K, causal_offset
+        self.b = b = block
+        self.chunk = max(1, CHUNK_ELEMENTS // max(1, BNH) // b) * b  # backward; the forward's is 2x
+        self.P = max(1, -(-(b + 2 * K - 2) // b))
         self.j_min = q_offset - K + 1  # key of window column 0 in block 0
-        self.L = (self.nblk + self.P - 1) * block
-        u = torch.arange(block, device=device)[:, None]
-        w = torch.arange(self.P * block, device=device)[None, :]
-        rel = w - u + 1  # table row of (u, w); band iff 1 <= rel <= 2K - 1
-        blk = torch.arange(self.nblk, device=device)[:, None, None] * block
-        i, j = blk + u, blk + w + self.j_min
-        valid = (rel >= 1) & (rel <= 2 * K - 1) & (i < T) & (j >= 0) & (j < S)
-        if causal_offset is not None:
-            valid &= j <= i + causal_offset
-        self.valid = valid  # [nblk, b, P * b]
-        self.ids = rel.clamp(0, 2 * K)  # [b, P * b]
-        self.lo, self.hi = max(0, self.j_min), min(S, self.j_min + self.L)
+        self._invalid = None
 
-    def windows(self, x):
-        """[B, N, S, H] -> [B, N, nblk, P * b, H] key windows (zeros off the sequence)."""
+    def chunks(self, size):
+        return [(r0, min(r0 + size, self.T)) for r0 in range(0, self.T, size)]
+
+    def calls(self, r0, r1, tile=None):
+        return tail_calls(self.T, self.S, self.q_offset, self.K, self.causal_offset, (r0, r1), tile)
+
+    def invalid(self, device):
+        """[T / b, b, P * b] bool: True where a window entry is not a visible band entry (computed once)."""
+        if self._invalid is None:
+            b, Pb, K = self.b, self.P * self.b, self.K
+            u = torch.arange(b, device=device)[:, None]
+            w = torch.arange(Pb, device=device)[None, :]
+            rel = w - u + 1  # table row; j - i = rel - K + q_offset
+            ok = (rel >= 1) & (rel <= 2 * K - 1)
+            if self.causal_offset is not None:
+                ok &= rel - K + self.q_offset <= self.causal_offset
+            blk = torch.arange(-(-self.T // b), device=device)[:, None, None] * b
+            j = blk + w + self.j_min
+            self._invalid = ~(ok & (blk + u < self.T) & (j >= 0) & (j < self.S))
+        return self._invalid
+
+
+class _Band:
+    """The band of query rows [r0, r1) (r0 a multiple of b): nblk blocks, keys [j0, j0 + L)."""
+
+    def __init__(self, plan, r0, r1):
+        self.b, self.P, self.K, self.S = plan.b, plan.P, plan.K, plan.S
+        self.n, self.nblk = r1 - r0, -(-(r1 - r0) // plan.b)
+        self.j0 = r0 + plan.j_min
+        self.L = (self.nblk + self.P - 1) * self.b
+        self.rows = (r0, r1)
+        self.plan = plan
+
+    def invalid(self, device):
+        """[nblk, b, P * b] bool: True off the visible band."""
+        n0 = self.rows[0] // self.b
+        return self.plan.invalid(device)[n0 : n0 + self.nblk]
+
+    def blocks(self, x, scale=None):
+        """Chunk rows x [B, N, n, H] as a contiguous [B, N, nblk, b, H] (times ``scale``), zero-padded."""
         B, N, _, H = x.shape
-        ext = x.new_zeros(B, N, self.L, H)
-        if self.lo < self.hi:
-            ext[:, :, self.lo - self.j_min : self.hi - self.j_min] = x[:, :, self.lo : self.hi]
-        ext = ext.view(B, N, self.nblk + self.P - 1, self.b, H)
-        return torch.cat([ext[:, :, p : p + self.nblk] for p in range(self.P)], dim=3)
+        out = x.new_empty(B, N, self.nblk * self.b, H)
+        if scale is None:
+            out[:, :, : self.n] = x
+        else:
+            torch.mul(x, scale, out=out[:, :, : self.n])
+        if self.n < out.shape[2]:
+            out[:, :, self.n :] = 0
+        return out.view(B, N, self.nblk, self.b, H)
 
-    def fold(self, win, S):
-        """Adjoint of ``windows``: [B, N, nblk, P * b, H] -> [B, N, S, H]."""
+    def windows(self, xt):
+        """Keys of every block's window: xt [B, N, S, H] -> contiguous [B, N, nblk, P * b, H] (zero off the sequence)."""
+        lo, hi = max(0, self.j0), min(self.S, self.j0 + self.L)
+        if lo >= hi:
+            x = xt.new_zeros(*xt.shape[:2], self.L, xt.shape[3])
+        elif lo != self.j0 or hi != self.j0 + self.L:
+            x = F.pad(xt[:, :, lo:hi], (0, 0, lo - self.j0, self.j0 + self.L - hi))
+        else:
+            x = xt[:, :, lo:hi]
+        return x.unfold(2, self.P * self.b, self.b).transpose(-1, -2).contiguous()
+
+    def fold_into(self, win, xt):
+        """xt[:, :, keys] += the adjoint of ``windows`` applied to win [B, N, nblk, P * b, H]."""
         B, N, _, _, H = win.shape
-        ext = win.new_zeros(B, N, self.nblk + self.P - 1, self.b, H)
+        b, span = self.b, self.nblk * self.b
         for p in range(self.P):
-            ext[:, :, p : p + self.nblk] += win[:, :, :, p * self.b : (p + 1) * self.b]
-        out = win.new_zeros(B, N, S, H)
-        if self.lo < self.hi:
-            out[:, :, self.lo : self.hi] = ext.view(B, N, self.L, H)[:, :, self.lo - self.j_min : self.hi - self.j_min]
-        return out
+            part = win[:, :, :, p * b : (p + 1) * b]
+            start = self.j0 + p * b
+            lo, hi = max(0, start), min(self.S, start + span)
+            if lo >= hi:
+                continue
+            if lo == start and hi == start + span:
+                xt[:, :, lo:hi].unflatten(2, (self.nblk, b)).add_(part)
+            else:
+                xt[:, :, lo:hi].add_(part.reshape(B, N, span, H)[:, :, lo - start : hi - start])
 
-    def rows(self, x):
-        """[B, N, T, ...] -> [B, N, nblk, b, ...], zero-padded."""
-        pad = self.nblk * self.b - x.shape[2]
-        if pad:
-            x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
-        return x.view(*x.shape[:2], self.nblk, self.b, *x.shape[3:])
+    def diagonals(self, x):
+        """View of x [B, N, nblk, b, P * b] (contiguous) at the band: [..., u, r] = x[..., u, u + r], table row r + 1."""
+        s = x.stride()
+        return x.as_strided((*x.shape[:4], 2 * self.K - 1), (s[0], s[1], s[2], s[3] + 1, 1), x.storage_offset())
 
-    def unrows(self, x, T):
-        return x.reshape(*x.shape[:2], self.nblk * self.b, *x.shape[4:])[:, :, :T]
-
-    def gather(self, x):
-        """[B, N, T, R] per-row table values -> [B, N, nblk, b, P * b] at each band entry."""
-        xb = self.rows(x)
-        return torch.gather(xb, -1, self.ids.expand(*xb.shape[:3], *self.ids.shape))
-
-    def scatter(self, x, T, R):
-        """Adjoint of ``gather``: [B, N, nblk, b, P * b] -> [B, N, T, R]."""
-        out = x.new_zeros(*x.shape[:4], R).scatter_add_(-1, self.ids.expand(x.shape), x)
-        return self.unrows(out, T)
+    def unblocks(self, x):
+        """[B, N, nblk, b, ...] -> [B, N, n, ...]."""
+        return x.reshape(*x.shape[:2], self.nblk * self.b, *x.shape[4:])[:, :, : self.n]
 
 
-def _table(t, N, H):
-    """[R, H] or [R, N, H] -> [R, N, H] view."""
-    return t[:, None, :].expand(t.shape[0], N, H) if t.dim() == 2 else t
+def _kernel_ready(x):
+    """x [B, L, N, H] with unit stride on H and row stride >= H, as the fused kernel's gemm reads it."""
+    if x.stride(-1) == 1 and x.stride(1) >= x.shape[-1]:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
-def _natural(c: _Call, T):
-    lo, hi = c.rows
-    return (T - hi, T - lo) if c.flip else (lo, hi)
+def _take(x, lo, hi, flip):
+    """x[:, :, lo:hi] of a [B, N, L, ...] tensor, reversed along L if ``flip``."""
+    x = x[:, :, lo:hi]
+    return x.flip(2) if flip else x
 
 
-def _unflip(x, c):
-    return x.flip(2) if c.flip else x
+def _heads(t, N):
+    """Table [R, H] or [R, N, H] -> [N, R, H] (a view)."""
+    return t[None].expand(N, *t.shape) if t.dim() == 2 else t.transpose(0, 1)
 
 
 class _ShawFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rel_k, rel_v, calls, geo, scale):
+    def forward(ctx, q, k, v, rel_k, rel_v, plan, scale):
+        q, k, v = (_kernel_ready(x) for x in (q, k, v))
         B, T, N, H = q.shape
-        S = k.shape[1]
-        R = 2 * geo.K + 1
-        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, N, L, H]
-        flipped = (qt.flip(2), kt.flip(2), vt.flip(2)) if any(c.flip for c in calls) else None
-        rk = None if rel_k is None else _table(rel_k, N, H)
-        rv = None if rel_v is None else _table(rel_v, N, H)
-        qa = q.new_zeros(B, N, T, R) if rk is None else scale * torch.einsum("BTNH,RNH->BNTR", q, rk)
-
-        pieces, lses = [], []
-        for c in calls:
-            cq, ck, cv = flipped if c.flip else (qt, kt, vt)
-            (r0, r1), (s0, s1) = c.rows, c.keys
-            o, l = _flash(cq[:, :, r0:r1], ck[:, :, s0:s1], cv[:, :, s0:s1], 0.0, c.causal, scale=scale)
-            lo, hi = _natural(c, T)
-            full = torch.full((B, N, T), -torch.inf, dtype=q.dtype, device=q.device)
-            full[:, :, lo:hi] = _unflip(l.to(q.dtype), c) + qa[:, :, lo:hi, c.row]
-            pieces.append(_unflip(o, c))
-            lses.append(full)
-        band = _band_logits(qt, kt, qa, geo, scale) if geo.K > 0 else None
-        if band is not None:
-            lses.append(geo.unrows(torch.logsumexp(band, dim=-1), T))
-        lse = torch.logsumexp(torch.stack(lses), dim=0) if lses else q.new_full((B, N, T), -torch.inf)
-        lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
-
-        z = qt.new_zeros(B, N, T, H)
-        buckets = q.new_zeros(B, N, T, R)
-        weights = []
-        for c, o, l in zip(calls, pieces, lses):
-            lo, hi = _natural(c, T)
-            w = torch.exp(l[:, :, lo:hi] - lse_safe[:, :, lo:hi])  # the tail's probability mass
-            z[:, :, lo:hi] += w[..., None] * o
-            buckets[:, :, lo:hi, c.row] += w
-            weights.append(w)
-        if band is not None:
-            p = torch.exp(band - geo.rows(lse_safe)[..., None])  # masked entries are exp(-inf) = 0
-            z += geo.unrows(p @ geo.windows(vt), T)
-            buckets += geo.scatter(p, T, R)
-        if rv is not None:
-            z += torch.einsum("BNTR,RNH->BNTH", buckets, rv)
-        ctx.save_for_backward(q, k, v, rel_k, rel_v, z, lse, buckets, *pieces, *weights)
-        ctx.calls, ctx.geo, ctx.scale = calls, geo, scale
-        return z.transpose(1, 2)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, L, H] views
+        rk = None if rel_k is None else _heads(rel_k, N)  # [N, R, H]
+        rv = None if rel_v is None else _heads(rel_v, N)
+        band_on = plan.K > 0
+        z = q.new_empty(B, T, N, H) if band_on else q.new_zeros(B, T, N, H)
+        zt = z.transpose(1, 2)
+        lse = q.new_empty(B, N, T) if band_on else q.new_full((B, N, T), -torch.inf)
+        for r0, r1 in plan.chunks(FWD_FACTOR * plan.chunk):
+            band = _Band(plan, r0, r1)
+            qs = band.blocks(qt[:, :, r0:r1], scale)  # [B, N, nblk, b, H]: scale * q
+            qa = None if rk is None else _rows_times(qs, rk.transpose(-1, -2))  # [B, N, nblk, b, R]: scale q . a^K
+            acc, m = zt[:, :, r0:r1], lse[:, :, r0:r1]
+            if band_on:
+                o, l = _band_forward(band, qs, qa, kt, vt, rv)
+                acc.copy_(o)
+                m.copy_(l)
+                del o, l
+            qa = None if qa is None else band.unblocks(qa)
+            for c in plan.calls(r0, r1):
+                (lo, hi), (s0, s1) = c.rows, c.keys
+                mask = None if qa is None else _take(qa[..., c.row : c.row + 1], lo - r0, hi - r0, c.flip)
+                o, l = _flash(_take(qt, lo, hi, c.flip), _take(kt, s0, s1, c.flip), _take(vt, s0, s1, c.flip),
+                              0.0, c.causal, attn_mask=mask, scale=scale)
+                if c.flip:
+                    o, l = o.flip(2), l.flip(2)
+                if rv is not None:
+                    o += rv[:, c.row, None]
+                _merge(acc[:, :, lo - r0 : hi - r0], m[:, :, lo - r0 : hi - r0], o, l)
+                del o, l, mask
+        ctx.save_for_backward(q, k, v, rel_k, rel_v, z, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return z
 
     @staticmethod
     def backward(ctx, dz):
-        q, k, v, rel_k, rel_v, z, lse, buckets, *saved = ctx.saved_tensors
-        calls, geo, scale = ctx.calls, ctx.geo, ctx.scale
-        pieces, weights = saved[: len(calls)], saved[len(calls) :]
+        q, k, v, rel_k, rel_v, z, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
         B, T, N, H = q.shape
-        S = k.shape[1]
-        R = 2 * geo.K + 1
-        qt, kt, vt, dzt = (x.transpose(1, 2).contiguous() for x in (q, k, v, dz))
-        rk = None if rel_k is None else _table(rel_k, N, H)
-        rv = None if rel_v is None else _table(rel_v, N, H)
-        qa = q.new_zeros(B, N, T, R) if rk is None else scale * torch.einsum("BTNH,RNH->BNTR", q, rk)
-        D = (dzt * z).sum(-1)  # [B, N, T]
-        lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
-        dq, dk, dv = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
-        dqa = q.new_zeros(B, N, T, R)
+        R = 2 * plan.K + 1
+        dz = _kernel_ready(dz)
+        qt, kt, vt, zt, dzt = (x.transpose(1, 2) for x in (q, k, v, z, dz))
+        rk = None if rel_k is None else _heads(rel_k, N)
+        rv = None if rel_v is None else _heads(rel_v, N)
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+        dqt, dkt, dvt = (x.transpose(1, 2) for x in (dq, dk, dv))
+        drk = None if rk is None else q.new_zeros(N, R, H)
+        drv = None if rv is None else q.new_zeros(N, R, H)
+        for r0, r1 in plan.chunks(plan.chunk):
+            out_row, out = None, zt[:, :, r0:r1]  # z - a^V of the tail being run, over the chunk
+            for c in plan.calls(r0, r1, tile=max(1, plan.chunk // TILE_DIV)):
+                (lo, hi), (s0, s1), row = c.rows, c.keys, c.row
+                if c.flip:  # reversed copies of this triangle's rows and keys only
+                    if rv is not None:
+                        out_row, out = None, None
+                    cdz, cq, cv = dzt[:, :, lo:hi].flip(2), qt[:, :, lo:hi].flip(2), vt[:, :, s0:s1].flip(2)
+                    ck = k[:, s0:s1].flip(1)
+                    cout = zt[:, :, lo:hi].flip(2)
+                    cl = lse[:, :, lo:hi].flip(2)
+                    if rk is not None:
+                        ck += rk[:, row]
+                    if rv is not None:
+                        cout -= rv[:, row, None]
+                else:
+                    if rv is not None and out_row != row:
+                        out_row, out = row, zt[:, :, r0:r1] - rv[:, row, None]
+                    cdz, cq, cv, cout, cl = dzt[:, :, lo:hi], qt[:, :, lo:hi], vt[:, :, s0:s1], out[:, :, lo - r0 : hi - r0], lse[:, :, lo:hi]
+                    ck = k[:, s0:s1] if rk is None else k[:, s0:s1] + rk[:, row]  # logits q . (k + a^K_tail)
+                g = _flash_bwd(cdz, cq, ck.transpose(1, 2), cv, cout, cl, 0.0, c.causal, scale=scale)
+                del cdz, cq, ck, cv, cout, cl
+                if drk is not None:
+                    drk[:, row].add_(g[1].sum((0, 2)))
+                if drv is not None:
+                    drv[:, row].add_(g[2].sum((0, 2)))
+                for x, (a0, a1), gx in ((dqt, c.rows, g[0]), (dkt, c.keys, g[1]), (dvt, c.keys, g[2])):
+                    x[:, :, a0:a1].add_(gx.flip(2) if c.flip else gx)
+                del g, gx
+            del out
+            if plan.K > 0:
+                _band_backward(_Band(plan, r0, r1), qt, kt, vt, zt, dzt, lse, rk, rv, scale, dqt, dkt, dvt, drk, drv)
+        if drk is not None:
+            drk = drk.sum(0) if rel_k.dim() == 2 else drk.transpose(0, 1)
+        if drv is not None:
+            drv = drv.sum(0) if rel_v.dim() == 2 else drv.transpose(0, 1)
+        return dq, dk, dv, drk, drv, None, None
 
-        for c, o, w in zip(calls, pieces, weights):
-            lo, hi = _natural(c, T)
-            av = 0.0 if rv is None else rv[c.row][None, :, None, :]  # [1, N, 1, H]
-            full = (dzt, qt, kt, vt, z - av, lse_safe - qa[..., c.row])
-            cdz, cq, ck, cv, cout, cl = (x.flip(2) if c.flip else x for x in full)
-            (r0, r1), (s0, s1) = c.rows, c.keys
-            gq, gk, gv = _flash_bwd(cdz[:, :, r0:r1], cq[:, :, r0:r1], ck[:, :, s0:s1], cv[:, :, s0:s1],
-                                    cout[:, :, r0:r1], cl[:, :, r0:r1].contiguous(), 0.0, c.causal, scale=scale)
-            dq[:, :, lo:hi] += _unflip(gq, c)
-            ks = (S - s1, S - s0) if c.flip else (s0, s1)
-            dk[:, :, ks[0] : ks[1]] += _unflip(gk, c)
-            dv[:, :, ks[0] : ks[1]] += _unflip(gv, c)
-            # sum over the tail of dlogits = w * (dz . (o + a^V_tail) - D): the tail constant's gradient
-            dqa[:, :, lo:hi, c.row] += w * ((dzt[:, :, lo:hi] * (o + av)).sum(-1) - D[:, :, lo:hi])
-        if geo.K > 0:
-            _band_backward(qt, kt, vt, dzt, qa, rv, lse_safe, D, geo, scale, dq, dk, dv, dqa)
-        drk = drv = None
-        if rk is not None:
-            dq += scale * torch.einsum("BNTR,RNH->BNTH", dqa, rk)
-            drk = scale * torch.einsum("BNTR,BNTH->RNH", dqa, qt)
-            drk = drk.sum(1) if rel_k.dim() == 2 else drk
-        if rv is not None:
-            drv = torch.einsum("BNTR,BNTH->RNH", buckets, dzt)
-            drv = drv.sum(1) if rel_v.dim() == 2 else drv
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), drk, drv, None, None, None
+
+def _merge(acc, m, o, l):
+    """acc, m <- the log-sum-exp merge of (acc, m) and (o, l): acc [B, N, n, H] (finite), m [B, N, n], l finite."""
+    acc.lerp_(o, torch.sigmoid(l - m)[..., None])  # weight of o: e^l / (e^m + e^l); 1 where m = -inf
+    torch.logaddexp(m, l, out=m)
 
 
-def _band_logits(qt, kt, qa, geo, scale):
-    """Band logits [B, N, nblk, b, P * b]; entries off the band are -inf."""
-    logits = scale * geo.rows(qt) @ geo.windows(kt).transpose(-1, -2) + geo.gather(qa)
-    return logits.masked_fill(~geo.valid, -torch.inf)
-
-
-def _band_backward(qt, kt, vt, dzt, qa, rv, lse_safe, D, geo, scale, dq, dk, dv, dqa):
-    """Add the band's share of the gradients into dq, dk, dv (all [B, N, L, H]) and dqa [B, N, T, R]."""
-    T, S, R = qt.shape[2], kt.shape[2], qa.shape[-1]
-    k_win, v_win, q_blk, dz_blk = geo.windows(kt), geo.windows(vt), geo.rows(qt), geo.rows(dzt)
-    p = torch.exp(_band_logits(qt, kt, qa, geo, scale) - geo.rows(lse_safe)[..., None])
-    dp = dz_blk @ v_win.transpose(-1, -2)
+def _band_forward(band, qs, qa, kt, vt, rv):
+    """The band's (output [B, N, n, H], lse [B, N, n]) for one chunk; a row with no band entry gets (0, -inf)."""
+    s = torch.matmul(qs, band.windows(kt).transpose(-1, -2))  # [B, N, nblk, b, P * b]
+    if qa is not None:
+        band.diagonals(s).add_(qa[..., 1 : 2 * band.K])
+    s.masked_fill_(band.invalid(s.device), -torch.inf)
+    mx = s.amax(-1).clamp_min_(torch.finfo(s.dtype).min)  # finite
+    p = s.sub_(mx[..., None]).exp_()
+    total = p.sum(-1)
+    o = torch.matmul(p, band.windows(vt))
     if rv is not None:
-        dp += geo.gather(torch.einsum("BNTH,RNH->BNTR", dzt, rv))
-    ds = p * (dp - geo.rows(D)[..., None])
-    dq += scale * geo.unrows(ds @ k_win, T)
-    dk += scale * geo.fold(ds.transpose(-1, -2) @ q_blk, S)
-    dv += geo.fold(p.transpose(-1, -2) @ dz_blk, S)
-    dqa += geo.scatter(ds, T, R)
+        o += _rows_times(band.diagonals(p), rv[:, 1 : 2 * band.K])
+    o /= total.clamp_min(torch.finfo(s.dtype).tiny)[..., None]
+    return band.unblocks(o), band.unblocks(mx.add_(total.log_()))
+
+
+def _band_backward(band, qt, kt, vt, zt, dzt, lse, rk, rv, scale, dqt, dkt, dvt, drk, drv):
+    """Add the band's share of rows [r0, r1) into dqt, dkt, dvt ([B, N, L, H] views) and drk, drv [N, R, H].
+
+    Ordered so that at most about 7 chunk-sized buffers ([B, N, n, H]; a window counts P) are alive.
+    """
+    r0, r1 = band.rows
+    K = band.K
+    dzb = band.blocks(dzt[:, :, r0:r1])
+    ds = torch.matmul(dzb, band.windows(vt).transpose(-1, -2))  # dz . v_j  [B, N, nblk, b, P * b]
+    if rv is not None:
+        band.diagonals(ds).add_(_rows_times(dzb, rv[:, 1 : 2 * K].transpose(-1, -2)))  # + dz . a^V_ij
+    ds.sub_(band.blocks((dzt[:, :, r0:r1] * zt[:, :, r0:r1]).sum(-1, keepdim=True)))  # - D, D = dz . z
+    qs = band.blocks(qt[:, :, r0:r1], scale)
+    k_win = band.windows(kt)
+    p = torch.matmul(qs, k_win.transpose(-1, -2))
+    if rk is not None:
+        band.diagonals(p).add_(_rows_times(qs, rk[:, 1 : 2 * K].transpose(-1, -2)))
+    p.masked_fill_(band.invalid(p.device), -torch.inf)
+    p.sub_(band.blocks(lse[:, :, r0:r1, None])).exp_()  # probabilities; off-band entries are exp(-inf) = 0
+    ds.mul_(p)  # d logits = p * (dz . (v_j + a^V_ij) - D)
+    dq = torch.matmul(ds, k_win)
+    del k_win
+    if rk is not None:
+        dqa = band.diagonals(ds)  # [B, N, nblk, b, 2K - 1]: d logits per table row 1 .. 2K - 1
+        dq += _rows_times(dqa, rk[:, 1 : 2 * K])
+        drk[:, 1 : 2 * K].add_(_rows_dot(dqa, qs))
+        del dqa
+    dqt[:, :, r0:r1].add_(band.unblocks(dq), alpha=scale)
+    del dq
+    band.fold_into(torch.matmul(ds.transpose(-1, -2), qs), dkt)  # ds^T (scale q)
+    del ds, qs
+    band.fold_into(torch.matmul(p.transpose(-1, -2), dzb), dvt)
+    if rv is not None:
+        drv[:, 1 : 2 * K].add_(_rows_dot(band.diagonals(p), dzb))
+
+
+def _rows_times(x, t):
+    """x [B, N, nblk, b, I] times a per-head matrix t [N, I, J] -> [B, N, nblk, b, J]."""
+    B, N, X, U, I = x.shape
+    return torch.matmul(x.reshape(B, N, X * U, I), t).view(B, N, X, U, t.shape[-1])
+
+
+def _rows_dot(x, y):
+    """sum over batch and rows of x^T y: x [B, N, nblk, b, I], y [B, N, nblk, b, J] -> [N, I, J]."""
+    B, N, X, U, _ = x.shape
+    return torch.matmul(x.reshape(B, N, X * U, -1).transpose(-1, -2), y.reshape(B, N, X * U, -1)).sum(0)
