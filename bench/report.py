@@ -59,10 +59,14 @@ def _cell(r):
     if r is None:
         return "-"
     if "median_s" not in r:
-        return "n/a: " + r.get("error", "?").replace("|", "/")[:60]
+        err = r.get("error", "?")
+        err = "killed: out of memory" if err.startswith("exit -9") else err
+        return "n/a: " + err.replace("|", "/")[:60]
     s = f"{r['median_s'] * 1e3:.0f} ({r.get('time_x', float('nan')):.2f}x)"
     if r.get("peak_mib") is not None:
         s += f"; {r['peak_mib']:.0f} MiB" + (f" ({r['mem_x']:.2f}x)" if "mem_x" in r else "")
+    elif r.get("memory_error", "").startswith("exit -9"):
+        s += "; memory run killed: out of memory"
     return s
 
 

@@ -68,12 +68,11 @@ def contestants(args, fw, S, causal, mode):
             continue  # the seed-1 code has no mask: dense rows are non-causal only
         if n in DENSE and S > args.dense_max_s:
             edge_gib = S * S * args.N * args.H * 4 / 2**30
-            skipped[n] = f"skipped: two [S,S,N,H] edge tensors of {edge_gib:.1f} GiB each (--dense-max-s)"
+            skipped[n] = f"skipped: edges {edge_gib:.0f} GiB each"
             continue
         limit = args.quadratic_max_s if mode == "fwd" else args.quadratic_max_s_fwdbwd
         if n in QUADRATIC and S > limit:
-            skipped[n] = (f"skipped: holds several [B,N,T,S] tensors of {gib:.0f} GiB each; at S=8192 the jax "
-                          "forward was killed for memory on 24 GiB (--quadratic-max-s)")
+            skipped[n] = f"skipped: several [B,N,T,S] of {gib:.0f} GiB"
             continue
         if n == "flex" and mode != "fwd":
             continue
