@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 BAND_BLOCK = 32  # query rows per band block
-FWD_FACTOR = 2
-TILE_DIV = 1
+FWD_FACTOR = 2  # forward chunks are this many backward chunks (the forward holds fewer temporaries per row)
+TILE_DIV = 1  # backward rectangle tiles hold chunk // TILE_DIV keys (lower it to trade calls for memory)
 CHUNK_ELEMENTS = 1 << 20  # B * N * rows * H per backward chunk (rows: a multiple of the band block; forward: 2x)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
