@@ -7,38 +7,40 @@ query row into three key sets, d = j - i - q_offset:
     left tail   d <= -K          a_ij = table[0]       (one row for the whole tail)
     band        -K < d < K       a_ij = table[d + K]   (2K - 1 diagonals)
     right tail  d >= max(K, 1)   a_ij = table[2K]
-On a tail the key term is a per-row constant and the value term one table row, so a tail is plain
-attention: torch's fused CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its
-backward) runs it, reading strided [B, N, L, H] views of our [B, L, N, H] tensors (no copies) and
+On a tail the key term is one table row and so is the value term, so a tail is plain attention
+with keys k + a^K_tail: torch's fused CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``
+and its backward) runs it, reading strided [B, N, L, H] views of our [B, L, N, H] tensors and
 skipping the masked blocks of a causal call. The band runs in blocks of ``block`` query rows, each
-against a window of P * block keys (P = ceil((block + 2K - 2) / block)), by batched matmuls.
+against a window of P * block keys (P = ceil((block + 2K - 2) / block)), by batched matmuls; its
+key / value table terms go through a skewed strided view of a block's [block, P * block] logits
+(entry [u, u + r] is the band entry of table row r + 1; no gather, no index tensor).
 
-Chunks. The query rows are cut into chunks of C rows (a multiple of ``block``; C * B * N * H is about
-``CHUNK_ELEMENTS``, so one chunk at S = 2048 and four at S = 8192 for B N H = 2 8 64), and every
-temporary is at most a few [B, N, C, H] (or [B, N, C, P * block]) buffers. For rows [r0, r1) a tail
-is a rectangle (keys that every row of the chunk sees) plus a triangle of at most C^2 / 2 entries
-(``tail_calls``): the left triangle is a top-left causal call; the right one, mirrored, is a causal
-call on reversed copies of only that chunk's rows and keys. The rectangles are not copied.
+Chunks (``_Plan``). The backward cuts the query rows into chunks of C rows, C * B * N * H about
+``CHUNK_ELEMENTS`` (C a multiple of ``block``; C = 1024 for B N H = 2 8 64, so 2 chunks at T = 2048,
+8 at T = 8192); the forward, which keeps fewer buffers per row, uses chunks of 2C. For rows
+[r0, r1) a tail is a rectangle of keys that every row sees plus a triangle of at most C^2 / 2
+entries (``tail_calls``): the left triangle is a top-left causal call; the right one, mirrored, a
+causal call on reversed copies of only that triangle's rows and keys. The backward also cuts
+every rectangle into tiles of at most C keys.
 
-Forward, per chunk: the band gives (o, lse) over [B, N, C / block, block, P * block] logits (the
-key-table term added through a skewed strided view, off-band entries -inf); z and lse start from
-it. Each tail call runs with attn_mask = the tail's [B, N, rows, 1] column of scale * q . a^K (the
-kernel adds it to every logit of the row, so its lse is the tail's exact one), and o + a^V_tail
-merges into z [B, T, N, H] (the output buffer) and lse [B, N, T] by log-sum-exp. Saved for the
-backward: the inputs, z and lse; no per-piece outputs.
+Forward, per chunk: the band writes its output and log-sum-exp into the chunk's rows of z
+[B, T, N, H] (the output buffer) and lse [B, N, T]; then each tail call's (o + a^V_tail, lse) is
+merged in by log-sum-exp (o's weight sigmoid(lse_o - lse), a lerp). Saved for the backward: the
+inputs, z and lse; nothing per piece.
 
-Backward, per chunk, with D = rowsum(dz * z): each tail call, its rectangle tiled to at most C keys,
-runs the fused backward with key k + a^K_tail (so the logits are the exact ones, dq includes the
-key-table term, and the tile's summed dk is its d table_K[tail]), the merged lse, and out = z -
-a^V_tail for the chunk (so the kernel's rowsum(dO * O) is dz . (z - a^V_tail): the softmax-Jacobian
-term of the full attention; the summed dv is d table_V[tail]). The band recomputes its
-probabilities from lse. dq, dk, dv are allocated once in the layout of q, k, v (autograd takes them
-without a copy); the kernel's per-call gradients ([B, N, C, H] at most) are added into them.
+Backward, per chunk: each tail call runs the fused backward with keys k + a^K_tail (so its dq
+includes the key-table term and its dk, summed, is d table_K[tail]), the merged lse, and out =
+z - a^V_tail (so the kernel's rowsum(dO * O) is dz . (z - a^V_tail), the softmax-Jacobian term
+of the full attention; the summed dv is d table_V[tail]); its dq / dk / dv are added into dq, dk,
+dv, which are allocated once in the layout of q, k, v (autograd takes them without a copy). The
+band recomputes its probabilities from lse, with D = rowsum(dz * z).
 
-Memory beyond the output, the cotangent and dq / dk / dv: the [B, N, T] lse and O(B N C (H + P *
-block)) of chunk temporaries (k + a^K for one tile, z - a^V, the kernel's per-call dq / dk / dv, the
-reversed copies of one triangle, the band's key windows and logits). No [B, N, T, S] tensor exists
-in either direction; memory is linear in T and S.
+Memory. Beyond z, lse and (backward) dq, dk, dv, every buffer is per chunk: at most about 7 of
+[B, N, C, H] (a P * block window counts P): k + a^K for one tile, z - a^V for the chunk, the
+kernel's dq / dk / dv and its own scratch, the reversed copies of one triangle, the band's key
+windows, logits and gradients. At B, S, N, H = 2, 8192, 8, 64 that is under 1 U on top of the 6 U
+that any attention backward holds (output, cotangent, dz, dq, dk, dv). No [B, N, T, S] tensor
+exists in either direction; memory is linear in T and S.
 """
 
 from __future__ import annotations
@@ -49,9 +51,8 @@ import torch
 import torch.nn.functional as F
 
 BAND_BLOCK = 32  # query rows per band block
-FWD_FACTOR = 2  # forward chunks are this many backward chunks (the forward holds fewer temporaries per row)
-TILE_DIV = 1  # backward rectangle tiles hold chunk // TILE_DIV keys (lower it to trade calls for memory)
-CHUNK_ELEMENTS = 1 << 20  # B * N * rows * H per backward chunk (rows: a multiple of the band block; forward: 2x)
+_FORWARD_CHUNKS = 2  # forward chunk = this many backward chunks (fewer temporaries per row)
+CHUNK_ELEMENTS = 1 << 20  # about B * N * H * (query rows per backward chunk); see the module docstring
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -136,7 +137,7 @@ class _Plan:
     def __init__(self, BNH, T, S, q_offset, K, causal_offset, block):
         self.T, self.S, self.q_offset, self.K, self.causal_offset = T, S, q_offset, K, causal_offset
         self.b = b = block
-        self.chunk = max(1, CHUNK_ELEMENTS // max(1, BNH) // b) * b  # backward; the forward's is 2x
+        self.chunk = max(1, CHUNK_ELEMENTS // max(1, BNH) // b) * b  # backward rows per chunk
         self.P = max(1, -(-(b + 2 * K - 2) // b))
         self.j_min = q_offset - K + 1  # key of window column 0 in block 0
         self._invalid = None
@@ -192,7 +193,7 @@ class _Band:
         return out.view(B, N, self.nblk, self.b, H)
 
     def windows(self, xt):
-        """Keys of every block's window: xt [B, N, S, H] -> contiguous [B, N, nblk, P * b, H] (zero off the sequence)."""
+        """Every block's key window: xt [B, N, S, H] -> contiguous [B, N, nblk, P * b, H], zero off the sequence."""
         lo, hi = max(0, self.j0), min(self.S, self.j0 + self.L)
         if lo >= hi:
             x = xt.new_zeros(*xt.shape[:2], self.L, xt.shape[3])
@@ -218,7 +219,7 @@ class _Band:
                 xt[:, :, lo:hi].add_(part.reshape(B, N, span, H)[:, :, lo - start : hi - start])
 
     def diagonals(self, x):
-        """View of x [B, N, nblk, b, P * b] (contiguous) at the band: [..., u, r] = x[..., u, u + r], table row r + 1."""
+        """Band of x [B, N, nblk, b, P * b] (contiguous) as a view: [..., u, r] = x[..., u, u + r], table row r + 1."""
         s = x.stride()
         return x.as_strided((*x.shape[:4], 2 * self.K - 1), (s[0], s[1], s[2], s[3] + 1, 1), x.storage_offset())
 
@@ -232,6 +233,18 @@ def _kernel_ready(x):
     if x.stride(-1) == 1 and x.stride(1) >= x.shape[-1]:
         return x
     return x.clone(memory_format=torch.contiguous_format)
+
+
+def _tail_keys(k, s0, s1, rk, c):
+    """Keys k + a^K_tail of call c over [s0, s1) as [B, N, keys, H] (reversed if c.flip); a view if no key table."""
+    x = k[:, s0:s1]
+    if c.flip:
+        x = x.flip(1)
+        if rk is not None:
+            x += rk[:, c.row]
+    elif rk is not None:
+        x = x + rk[:, c.row]
+    return x.transpose(1, 2)
 
 
 def _take(x, lo, hi, flip):
@@ -257,28 +270,21 @@ class _ShawFunction(torch.autograd.Function):
         z = q.new_empty(B, T, N, H) if band_on else q.new_zeros(B, T, N, H)
         zt = z.transpose(1, 2)
         lse = q.new_empty(B, N, T) if band_on else q.new_full((B, N, T), -torch.inf)
-        for r0, r1 in plan.chunks(FWD_FACTOR * plan.chunk):
-            band = _Band(plan, r0, r1)
-            qs = band.blocks(qt[:, :, r0:r1], scale)  # [B, N, nblk, b, H]: scale * q
-            qa = None if rk is None else _rows_times(qs, rk.transpose(-1, -2))  # [B, N, nblk, b, R]: scale q . a^K
+        for r0, r1 in plan.chunks(_FORWARD_CHUNKS * plan.chunk):
             acc, m = zt[:, :, r0:r1], lse[:, :, r0:r1]
             if band_on:
-                o, l = _band_forward(band, qs, qa, kt, vt, rv)
-                acc.copy_(o)
-                m.copy_(l)
-                del o, l
-            qa = None if qa is None else band.unblocks(qa)
+                _band_forward(_Band(plan, r0, r1), qt, kt, vt, rk, rv, scale, acc, m)
             for c in plan.calls(r0, r1):
                 (lo, hi), (s0, s1) = c.rows, c.keys
-                mask = None if qa is None else _take(qa[..., c.row : c.row + 1], lo - r0, hi - r0, c.flip)
-                o, l = _flash(_take(qt, lo, hi, c.flip), _take(kt, s0, s1, c.flip), _take(vt, s0, s1, c.flip),
-                              0.0, c.causal, attn_mask=mask, scale=scale)
+                ck = _tail_keys(k, s0, s1, rk, c)
+                o, l = _flash(_take(qt, lo, hi, c.flip), ck, _take(vt, s0, s1, c.flip), 0.0, c.causal, scale=scale)
+                del ck
                 if c.flip:
                     o, l = o.flip(2), l.flip(2)
                 if rv is not None:
                     o += rv[:, c.row, None]
                 _merge(acc[:, :, lo - r0 : hi - r0], m[:, :, lo - r0 : hi - r0], o, l)
-                del o, l, mask
+                del o, l
         ctx.save_for_backward(q, k, v, rel_k, rel_v, z, lse)
         ctx.plan, ctx.scale = plan, scale
         return z
@@ -300,26 +306,22 @@ class _ShawFunction(torch.autograd.Function):
         drv = None if rv is None else q.new_zeros(N, R, H)
         for r0, r1 in plan.chunks(plan.chunk):
             out_row, out = None, zt[:, :, r0:r1]  # z - a^V of the tail being run, over the chunk
-            for c in plan.calls(r0, r1, tile=max(1, plan.chunk // TILE_DIV)):
+            for c in plan.calls(r0, r1, tile=plan.chunk):
                 (lo, hi), (s0, s1), row = c.rows, c.keys, c.row
                 if c.flip:  # reversed copies of this triangle's rows and keys only
                     if rv is not None:
                         out_row, out = None, None
-                    cdz, cq, cv = dzt[:, :, lo:hi].flip(2), qt[:, :, lo:hi].flip(2), vt[:, :, s0:s1].flip(2)
-                    ck = k[:, s0:s1].flip(1)
                     cout = zt[:, :, lo:hi].flip(2)
-                    cl = lse[:, :, lo:hi].flip(2)
-                    if rk is not None:
-                        ck += rk[:, row]
                     if rv is not None:
                         cout -= rv[:, row, None]
                 else:
                     if rv is not None and out_row != row:
                         out_row, out = row, zt[:, :, r0:r1] - rv[:, row, None]
-                    cdz, cq, cv, cout, cl = dzt[:, :, lo:hi], qt[:, :, lo:hi], vt[:, :, s0:s1], out[:, :, lo - r0 : hi - r0], lse[:, :, lo:hi]
-                    ck = k[:, s0:s1] if rk is None else k[:, s0:s1] + rk[:, row]  # logits q . (k + a^K_tail)
-                g = _flash_bwd(cdz, cq, ck.transpose(1, 2), cv, cout, cl, 0.0, c.causal, scale=scale)
-                del cdz, cq, ck, cv, cout, cl
+                    cout = out[:, :, lo - r0 : hi - r0]
+                ck = _tail_keys(k, s0, s1, rk, c)
+                g = _flash_bwd(_take(dzt, lo, hi, c.flip), _take(qt, lo, hi, c.flip), ck, _take(vt, s0, s1, c.flip),
+                               cout, _take(lse, lo, hi, c.flip), 0.0, c.causal, scale=scale)
+                del ck, cout
                 if drk is not None:
                     drk[:, row].add_(g[1].sum((0, 2)))
                 if drv is not None:
@@ -343,20 +345,25 @@ def _merge(acc, m, o, l):
     torch.logaddexp(m, l, out=m)
 
 
-def _band_forward(band, qs, qa, kt, vt, rv):
-    """The band's (output [B, N, n, H], lse [B, N, n]) for one chunk; a row with no band entry gets (0, -inf)."""
+def _band_forward(band, qt, kt, vt, rk, rv, scale, acc, m):
+    """Write the band's output and lse for rows [r0, r1) into acc [B, N, n, H] and m [B, N, n] (0, -inf: no entry)."""
+    r0, r1 = band.rows
+    K = band.K
+    qs = band.blocks(qt[:, :, r0:r1], scale)  # [B, N, nblk, b, H]: scale * q
     s = torch.matmul(qs, band.windows(kt).transpose(-1, -2))  # [B, N, nblk, b, P * b]
-    if qa is not None:
-        band.diagonals(s).add_(qa[..., 1 : 2 * band.K])
+    if rk is not None:
+        band.diagonals(s).add_(_rows_times(qs, rk[:, 1 : 2 * K].transpose(-1, -2)))  # + scale q . a^K_ij
+    del qs
     s.masked_fill_(band.invalid(s.device), -torch.inf)
     mx = s.amax(-1).clamp_min_(torch.finfo(s.dtype).min)  # finite
     p = s.sub_(mx[..., None]).exp_()
     total = p.sum(-1)
     o = torch.matmul(p, band.windows(vt))
     if rv is not None:
-        o += _rows_times(band.diagonals(p), rv[:, 1 : 2 * band.K])
+        o += _rows_times(band.diagonals(p), rv[:, 1 : 2 * K])
     o /= total.clamp_min(torch.finfo(s.dtype).tiny)[..., None]
-    return band.unblocks(o), band.unblocks(mx.add_(total.log_()))
+    acc.copy_(band.unblocks(o))
+    m.copy_(band.unblocks(mx.add_(total.log_())))
 
 
 def _band_backward(band, qt, kt, vt, zt, dzt, lse, rk, rv, scale, dqt, dkt, dvt, drk, drv):
