@@ -108,6 +108,41 @@ def test_dense_edge_gradients_match_finite_differences(bk, form):
     _assert_grads_match_finite_differences(bk, inputs, rng, mask=rng.random((B, 1, T, S)) < 0.8)
 
 
+@pytest.mark.parametrize("gemm_rows, huge_bytes", [(2, 1 << 25), (16, 0), (2, 0)])
+@pytest.mark.parametrize("form", ["TSNH (seed 1)", "BTSNH (per example)", "1T1NH (broadcast S)"])
+def test_torch_dense_head_groups_and_buffers(form, gemm_rows, huge_bytes, monkeypatch):
+    """The torch dense path's other branches: several block-diagonal head groups (GEMM_ROWS = 2 gives
+    one head per group) and edge gradients written into NumPy-allocated buffers (_HUGE_BYTES = 0)."""
+    pytest.importorskip("torch")
+    import relattn_torch.dense
+
+    monkeypatch.setattr(relattn_torch.dense, "GEMM_ROWS", gemm_rows)
+    monkeypatch.setattr(relattn_torch.dense, "_HUGE_BYTES", huge_bytes)
+    test_dense_edge_gradients_match_finite_differences(backend("torch"), form)
+
+
+def test_torch_dense_edge_gradient_buffers_keep_dtype(monkeypatch):
+    """Edge gradients written into NumPy-allocated buffers are ordinary tensors of the edges' dtype,
+    equal to those from torch-allocated ones."""
+    torch = pytest.importorskip("torch")
+    import relattn_torch
+    import relattn_torch.dense
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(2, 3, 2, 4, generator=g, dtype=dtype) for _ in range(3))
+        a_k, a_v = (torch.randn(3, 3, 2, 4, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+        grads = []
+        for huge_bytes in (0, 1 << 40):
+            monkeypatch.setattr(relattn_torch.dense, "_HUGE_BYTES", huge_bytes)
+            a_k.grad = a_v.grad = None
+            relattn_torch.relative_attention(q, k, v, a_k, a_v).sum().backward()
+            grads.append((a_k.grad, a_v.grad))
+        for numpy_grad, torch_grad, a in zip(*grads, (a_k, a_v)):
+            assert numpy_grad.dtype == dtype and numpy_grad.shape == a.shape
+            assert numpy_grad.abs().sum() > 0 and torch.equal(numpy_grad, torch_grad)
+
+
 def test_torch_dense_edge_double_backward():
     """The custom autograd functions of relattn_torch.dense are twice differentiable."""
     torch = pytest.importorskip("torch")

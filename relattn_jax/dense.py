@@ -16,7 +16,8 @@ with these forms measured slower), and forward-mode differentiation keeps workin
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no transpose.
 Like any GEMM form, an inf in the edges turns into NaN through the zero blocks (0 * inf).
 
-The torch twin computes the same functions with per-head strided matrix products instead.
+The torch twin computes the same functions with the same block-diagonal GEMMs (its value term
+too, with a diagonal read of the [T, B * N, N * H] product).
 """
 
 from __future__ import annotations

@@ -5,21 +5,35 @@ Dimension legend as in ``attention.py``: B T S N H.
 For edges with a head axis, [T, S, N, H] or [B, T, S, N, H], every edge element meets only B (or
 one) query rows, so the work is bound by reading the edges once. An einsum batched over (T, N)
 first copies the edges into [T, N, H, S] order (73-97 ms for 128 MiB on a 2-core CPU, longer than
-the whole product). Here the N axis is a Python loop of N matrix products, each batched over T
-on a strided [T, S, H] view of the edges, which BLAS reads with a leading dimension of N * H and
-no copy, against a small contiguous per-head copy of the queries or weights (BLAS ran these
-GEMV-shaped products up to 1.2x faster single-threaded than with strided small operands). The backward is written
-the same way (a custom autograd function: autograd through per-head slices would allocate a full
-edge-sized zero gradient per head). Measured at B=2, T=S=256, N=8, H=64 (float32, 2 threads):
-key term 107 -> 25 ms, value term 67 -> 23 ms.
+the whole product), and per-head products batched over T are GEMV-shaped (B rows). Here, as in
+the JAX twin, each query row t meets its edges viewed in place as one [S, N * H] matrix, against a
+block-diagonal copy of the B queries (row (b, n) holds q[b, t, n] in head n's columns, zeros
+elsewhere): N times the flops, but one well-shaped GEMM per row, batched over T.
+    key term    [T, B * N, N * H] x [T, N * H, S] -> [T, B * N, S]
+    value term  [T, B * N, S] x [T, S, N * H] -> [T, B * N, N * H], then each row's own head
+    edge grads  [T, S, B * N] x [T, B * N, N * H] -> [T, S, N * H], written once
+Heads form groups of G (``GEMM_ROWS`` = B * G rows per GEMM) so the wasted flops stay bounded for
+large B * N; for B * N <= 16 there is one group. The backward is a custom autograd function (twice
+differentiable), and it writes each edge gradient into a buffer from NumPy's allocator, which
+advises huge pages (``_empty_edges``). Single-threaded, B=2, T=S=256, N=8, H=64, float32: the key
+and value terms take about 30 ms each (per-head strided products: 60 ms); each edge gradient
+takes 26 ms into a reused buffer, 40 ms into a NumPy-allocated one, 110 ms into a torch-allocated one.
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no copy.
+Like any GEMM form, an inf in the edges turns into NaN through the zero blocks (0 * inf).
 
-The JAX twin computes the same functions with XLA-friendly forms instead (see its docstring).
+The JAX twin computes the key term and the edge gradients with the same GEMMs (its value term
+is a fused multiply-reduce, which XLA runs as fast).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+
+_HUGE_BYTES = 1 << 25  # edge buffers from 32 MiB up are allocated by NumPy (see _empty_edges)
+GEMM_ROWS = 16  # query rows per block-diagonal GEMM that the head grouping aims for
 
 
 def edge_key_term(q: torch.Tensor, edges: torch.Tensor, letters: str) -> torch.Tensor:
@@ -55,55 +69,91 @@ def edge_value_term(probs: torch.Tensor, edges: torch.Tensor, letters: str) -> t
     return _EdgeValue.apply(probs, edges, letters.startswith("B"))
 
 
+def _groups(B, N):
+    """Heads per block-diagonal group G: the largest divisor of N with B * G <= ``GEMM_ROWS``."""
+    want = max(1, GEMM_ROWS // max(1, B))
+    return max(g for g in range(1, N + 1) if N % g == 0 and g <= want)
+
+
+def _block_diag(x, G):
+    """x [B, T, N, H] -> [N / G, T, B * G, G * H]: row (b, g) of group c holds x[b, t, c * G + g]
+    in columns g * H .. (g + 1) * H and zeros elsewhere. A broadcast multiply, so differentiable."""
+    B, T, N, H = x.shape
+    eye = torch.eye(G, dtype=x.dtype, device=x.device)[:, :, None]  # [G, G, 1]
+    xg = x.reshape(B, T, N // G, G, 1, H).permute(2, 1, 0, 3, 4, 5)  # [N / G, T, B, G, 1, H]
+    return (xg * eye).reshape(N // G, T, B * G, G * H)
+
+
+def _group(edges, c, G):
+    """Heads c * G .. (c + 1) * G of edges [T, S, N, H] as [T, S, G * H]: a view when the (N, H)
+    axes are contiguous (any T, S strides, broadcast ones included), which BLAS reads in place."""
+    e = edges[:, :, c * G:(c + 1) * G]
+    return e.reshape(e.shape[0], e.shape[1], -1)
+
+
 def _contract_h(x, edges, batched):
     """x [B, T, N, H], edges [(B,) T, S, N, H] -> [B, N, T, S]: sum over H of x * edges."""
+    if batched:  # each example's edges meet one query row: B single-example products
+        return torch.cat([_contract_h(x[b:b + 1], edges[b], False) for b in range(x.shape[0])])
     B, T, N, H = x.shape
-    S = edges.shape[-3]
-    if batched:  # one [1, H] x [H, S] product per (b, t)
-        xs = x.permute(2, 0, 1, 3).contiguous().view(N, B * T, 1, H)
-        out = x.new_empty(N, B * T, 1, S)
-        for n, en in enumerate(edges.unbind(-2)):
-            torch.bmm(xs[n], en.reshape(B * T, S, H).transpose(1, 2), out=out[n])
-        return out.view(N, B, T, S).transpose(0, 1)
-    xs = x.permute(2, 1, 0, 3).contiguous()  # [N, T, B, H], a small contiguous copy
-    out = x.new_empty(N, T, B, S)
-    for n, en in enumerate(edges.unbind(-2)):
-        torch.bmm(xs[n], en.transpose(1, 2), out=out[n])
-    return out.permute(2, 0, 1, 3)
+    G = _groups(B, N)
+    xbd = _block_diag(x, G)
+    out = [torch.bmm(xbd[c], _group(edges, c, G).transpose(1, 2)) for c in range(N // G)]  # [T, B * G, S]
+    out = out[0] if len(out) == 1 else torch.cat([o.view(T, B, G, -1) for o in out], 2)
+    return out.view(T, B, N, -1).permute(1, 2, 0, 3)
 
 
 def _contract_s(y, edges, batched):
     """y [B, N, T, S], edges [(B,) T, S, N, H] -> [B, T, N, H]: sum over S of y * edges."""
-    B, N, T, S = y.shape
-    H = edges.shape[-1]
     if batched:
-        ys = y.transpose(0, 1).contiguous().view(N, B * T, 1, S)
-        out = y.new_empty(N, B * T, 1, H)
-        for n, en in enumerate(edges.unbind(-2)):
-            torch.bmm(ys[n], en.reshape(B * T, S, H), out=out[n])
-        return out.view(N, B, T, H).permute(1, 2, 0, 3)
-    ys = y.permute(1, 2, 0, 3).contiguous()  # [N, T, B, S]
-    out = y.new_empty(N, T, B, H)
-    for n, en in enumerate(edges.unbind(-2)):
-        torch.bmm(ys[n], en, out=out[n])
-    return out.permute(2, 1, 0, 3)
+        return torch.cat([_contract_s(y[b:b + 1], edges[b], False) for b in range(y.shape[0])])
+    B, N, T, S = y.shape
+    G = _groups(B, N)
+    out = []
+    for c in range(N // G):
+        yc = y[:, c * G:(c + 1) * G].permute(2, 0, 1, 3).reshape(T, B * G, S)
+        full = torch.bmm(yc, _group(edges, c, G)).view(T, B, G, G, -1)  # every row against every head
+        out.append(full.diagonal(dim1=2, dim2=3).permute(1, 0, 3, 2))  # row (b, g) against head g
+    return out[0] if len(out) == 1 else torch.cat(out, 2)
 
 
 def _outer(y, x, shape, batched):
     """y [B, N, T, S], x [B, T, N, H] -> edges-shaped y * x, summed over B unless ``batched``.
 
-    Written with differentiable ops only (no ``out=``), as it runs inside the backward.
+    Under grad mode (a double backward) written with differentiable ops only; otherwise each
+    group's product is written straight into one fresh edge-sized buffer (``_empty_edges``).
     """
-    out = y.new_empty(shape)
-    if batched:
-        for n in range(y.shape[1]):
-            out.select(-2, n).copy_(y[:, n, :, :, None] * x[:, :, n, None, :])
-        return out
-    ys = y.permute(1, 2, 3, 0).contiguous()  # [N, T, S, B]
-    xs = x.permute(2, 1, 0, 3).contiguous()  # [N, T, B, H]
-    for n in range(y.shape[1]):
-        out.select(-2, n).copy_(torch.bmm(ys[n], xs[n]))
-    return out
+    B, N, T, S = y.shape
+    if batched:  # the (B, T) pairs become one query axis of a single example
+        y, x = y.transpose(0, 1).reshape(1, N, B * T, S), x.reshape(1, B * T, N, -1)
+        B, T = 1, B * T
+    G = _groups(B, N)
+    xbd = _block_diag(x, G)
+    ys = [y[:, c * G:(c + 1) * G].permute(2, 3, 0, 1).reshape(T, S, B * G) for c in range(N // G)]
+    if torch.is_grad_enabled():
+        out = [torch.bmm(yc, xbd[c]).view(T, S, G, -1) for c, yc in enumerate(ys)]  # [T, S, G, H]
+        return (out[0] if len(out) == 1 else torch.cat(out, 2)).view(shape)
+    out = _empty_edges((T, S, N, x.shape[-1]), y)
+    for c, yc in enumerate(ys):
+        if G == N:
+            torch.bmm(yc, xbd[c], out=out.view(T, S, -1))
+        else:
+            out[:, :, c * G:(c + 1) * G].copy_(torch.bmm(yc, xbd[c]).view(T, S, G, -1))
+    return out.view(shape)
+
+
+def _empty_edges(shape, like):
+    """An uninitialised edge-sized buffer that Linux may back with 2 MiB pages.
+
+    The first write of a fresh 128 MiB tensor costs ~70 ms of 4 KiB page faults on a CPU whose
+    transparent huge pages are in "madvise" mode (torch's allocator gives no hint unless
+    THP_MEM_ALLOC_ENABLE=1 is set). NumPy's allocator advises huge pages for large arrays, which
+    cut that to ~10-25 ms for the edge gradients at B, T, S, N, H = 2, 256, 256, 8, 64.
+    """
+    nbytes = math.prod(shape) * like.element_size()
+    if like.device.type != "cpu" or nbytes < _HUGE_BYTES:
+        return like.new_empty(shape)
+    return torch.from_numpy(np.empty(nbytes, np.uint8)).view(like.dtype).view(shape)
 
 
 class _EdgeKey(torch.autograd.Function):
