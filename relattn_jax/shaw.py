@@ -6,11 +6,16 @@ Shaw ids r_ij = clip(j - i - q_offset, -K, K) + K (K = max_distance, R = 2K + 1)
 terms go through one linear map and its adjoint, never through a generic gather/scatter:
     expand  [B, N, T, R] -> [B, N, T, S]:  x[..., i, r_ij]            (key term: q_i . a^K_{r_ij})
     reduce  [B, N, T, S] -> [B, N, T, R]:  sum_j [r_ij = r] y[..., i, j]  (value term: bucket masses)
-``reduce`` is two masked row sums (the tails d <= -K and d >= K) plus 2K - 1 diagonals read by a
-take_along_axis on [B, N, T, 2K - 1]; no scatter. Each is the other's VJP (custom_vjp), so the
-backward is as cheap as the forward. XLA on CPU has no fused attention kernel: like
-``jax.nn.dot_product_attention`` itself, this path holds [B, N, T, S] logits; ``blockwise.py``
-bounds that for long sequences. ``q_offset`` may be traced, and any mask is accepted.
+``expand`` is a gather batched over T with one [T, S] index array; ``reduce`` is one plain
+reduction into blocks of keys plus gathers of a window of < 2K + 2 * 64 keys per row; no
+scatter. Each is the other's VJP (custom_vjp). The attention itself has a custom VJP too
+(``_shaw_bwd``), written so that XLA keeps few [B, N, T, S] arrays: measured with
+``memory_analysis`` at B, T, N, H = 2, 2048, 8, 64, the fwd+bwd program's temporaries fell from
+7.2 to 4.2 times one [B, N, T, S] float32 array (``jax.nn.dot_product_attention``: 3.1), and on
+this CPU each such array costs ~140 ms of page faults per step. XLA on CPU has no fused
+attention kernel: like ``jax.nn.dot_product_attention`` itself, this path holds [B, N, T, S]
+logits; ``blockwise.py`` bounds that for long sequences. ``q_offset`` may be traced, and any
+mask is accepted.
 
 The torch twin of this file runs the tails in torch's fused flash kernel instead; both compute
 exactly the same function.
@@ -24,6 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from .masks import causal_mask, combine_masks
+
+_KEY_BLOCK = 64  # keys per block for the tail sums of ``reduce`` (a divisor of S up to this)
 
 
 def shaw_attention(q, k, v, rel_k, rel_v, *, max_distance: int, q_offset, is_causal: bool, scale: float,
@@ -41,21 +48,61 @@ def shaw_attention(q, k, v, rel_k, rel_v, *, max_distance: int, q_offset, is_cau
     Returns:
         [B, T, N, H]; a query that sees no key returns 0.
     """
-    from .attention import masked_softmax  # attention.py imports this module
-
     T, S = q.shape[1], k.shape[1]
     off = jnp.asarray(q_offset, jnp.int32)
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
-    if rel_k is not None:
-        qa = jnp.einsum(f"BTNH,{_layout(rel_k)}->BNTR", q, rel_k)  # [B, N, T, R]
-        logits = logits + expand(qa, off, max_distance, S)
     visible = combine_masks(mask, causal_mask(T, S) if is_causal else None)
-    probs = masked_softmax(logits, visible, scale)  # [B, N, T, S]
+    return _shaw(q, k, v, rel_k, rel_v, off, visible, max_distance, scale)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _shaw(q, k, v, rel_k, rel_v, off, visible, K, scale):
+    return _shaw_fwd(q, k, v, rel_k, rel_v, off, visible, K, scale)[0]
+
+
+def _shaw_fwd(q, k, v, rel_k, rel_v, off, visible, K, scale):
+    from .attention import masked_softmax  # attention.py imports this module
+
+    # the scale goes on q: XLA on CPU would broadcast it to a full [B, N, T, S] array to fuse it
+    qs = q * jnp.asarray(scale, q.dtype)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", qs, k)  # [B, N, T, S], scaled
+    if rel_k is not None:
+        qa = jnp.einsum(f"BTNH,{_layout(rel_k)}->BNTR", qs, rel_k)  # [B, N, T, R]
+        logits = logits + _expand(qa, off, K, k.shape[1])
+    probs = masked_softmax(logits, visible, 1.0)  # [B, N, T, S]
     out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    buckets = None
     if rel_v is not None:
-        buckets = reduce(probs, off, max_distance)  # [B, N, T, R]
+        buckets = _reduce(probs, off, K)  # [B, N, T, R]
         out = out + jnp.einsum(f"BNTR,{_layout(rel_v)}->BTNH", buckets, rel_v)
-    return out
+    return out, (q, k, v, rel_k, rel_v, off, visible, probs, buckets, out)
+
+
+def _shaw_bwd(K, scale, res, g):
+    """The attention backward written out, so that XLA holds two [B, N, T, S] arrays (the saved
+    probabilities and dp, which becomes the logits' cotangent in place) instead of the five to
+    seven that autodiff through the softmax, expand and reduce keeps. Uses
+    sum_j p_ij dp_ij = g_i . z_i (z_i the whole output, value term included)."""
+    q, k, v, rel_k, rel_v, off, visible, probs, buckets, out = res
+    dv = jnp.einsum("BNTS,BTNH->BSNH", probs, g)
+    dp = jnp.einsum("BTNH,BSNH->BNTS", g, v)  # [B, N, T, S]
+    drel_v = None
+    if rel_v is not None:
+        dp = dp + _expand(jnp.einsum(f"BTNH,{_layout(rel_v)}->BNTR", g, rel_v), off, K, k.shape[1])
+        drel_v = jnp.einsum(f"BNTR,BTNH->{_layout(rel_v)}", buckets, g).astype(rel_v.dtype)
+    acc = jnp.promote_types(probs.dtype, jnp.float32)  # half inputs: the softmax backward in float32
+    row = jnp.einsum("BTNH,BTNH->BNT", g.astype(acc), out.astype(acc))[..., None]  # sum_j p_ij dp_ij
+    ds = (probs.astype(acc) * (dp.astype(acc) - row) * scale).astype(dp.dtype)  # d logits [B, N, T, S]
+    dq = jnp.einsum("BNTS,BSNH->BTNH", ds, k)
+    dk = jnp.einsum("BNTS,BTNH->BSNH", ds, q)
+    drel_k = None
+    if rel_k is not None:
+        dqa = _reduce(ds, off, K)  # [B, N, T, R]
+        dq = dq + jnp.einsum(f"BNTR,{_layout(rel_k)}->BTNH", dqa, rel_k)
+        drel_k = jnp.einsum(f"BNTR,BTNH->{_layout(rel_k)}", dqa, q).astype(rel_k.dtype)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), drel_k, drel_v, None, None)
+
+
+_shaw.defvjp(_shaw_fwd, _shaw_bwd)
 
 
 def _layout(table):
@@ -76,8 +123,18 @@ def expand(x, off, K: int, S: int):
 
 def _expand(x, off, K, S):
     ids = jnp.clip(_distance(x.shape[2], S, off), -K, K) + K  # [T, S]
-    return jnp.take_along_axis(x, jnp.broadcast_to(ids, (*x.shape[:2], *ids.shape)), axis=-1,
-                               mode="promise_in_bounds")
+    return _take_rows(x, ids)
+
+
+def _take_rows(x, idx):
+    """x [B, N, T, M], idx [T, W] -> [B, N, T, W]: entry (t, w) is x[..., t, idx[t, w]].
+
+    A gather batched over T (vmap) with the one [T, W] index array: take_along_axis with the index
+    broadcast to [B, N, T, W] makes XLA build full coordinates, an int32 [B, N, T, W, 4] array,
+    which it materialises once the forward and the backward share it (4x the logits' memory).
+    """
+    out = jax.vmap(lambda row, i: row[:, :, i])(jnp.moveaxis(x, 2, 0), idx)  # [T, B, N, W]
+    return jnp.moveaxis(out, 0, 2)
 
 
 def _expand_fwd(x, off, K, S):
@@ -98,19 +155,32 @@ def reduce(y, off, K: int):
 
 
 def _reduce(y, off, K):
-    # the barrier keeps XLA from fusing (and so recomputing) y's producer, e.g. the whole
-    # softmax, into each of the reductions below: 1.43x faster forward + backward at S = 1024
-    y = jax.lax.optimization_barrier(y)
+    # The tails are not summed as where(mask, y, 0).sum(-1): XLA on CPU materialises that select
+    # as a full [B, N, T, S] array before reducing it (about 0.6 of a forward's time at S = 2048).
+    # Instead one plain reduce gives sums over blocks of ``cb`` keys, the blocks wholly inside a
+    # tail are added from those ([B, N, T, S / cb]), and a gathered window of < 2K + 2cb keys per
+    # row holds the two partial blocks and the band.
     T, S = y.shape[2], y.shape[3]
-    d = _distance(T, S, off)
-    left = jnp.where(d <= -K, y, 0).sum(-1)  # [B, N, T]
-    right = jnp.where(d >= max(K, 1), y, 0).sum(-1)
+    cb = max(c for c in range(1, _KEY_BLOCK + 1) if S % c == 0)  # keys per block
+    i = jnp.arange(T, dtype=jnp.int32)[:, None] + off  # [T, 1]
+    last_left, first_right = i - K, i + max(K, 1)  # tails: keys <= last_left, keys >= first_right
+    n_left = jnp.clip((last_left + 1) // cb, 0, S // cb)  # blocks wholly in the left tail
+    n_mid = jnp.clip(-(-first_right // cb), 0, S // cb)  # blocks before the first wholly right one
+    c = jnp.arange(S // cb, dtype=jnp.int32)[None, :]
+    blocks = y.reshape(*y.shape[:3], S // cb, cb).sum(-1)  # [B, N, T, S / cb]
+    left = jnp.where(c < n_left, blocks, 0).sum(-1)  # [B, N, T]
+    right = jnp.where(c >= n_mid, blocks, 0).sum(-1)
+    j = n_left * cb + jnp.arange(2 * K + 2 * cb, dtype=jnp.int32)[None, :]  # [T, W] window keys
+    window = _take_rows(y, jnp.clip(j, 0, S - 1))
+    window = jnp.where(j < n_mid * cb, window, 0)  # keys of whole right blocks are counted already
+    left = left + jnp.where(j <= last_left, window, 0).sum(-1)
+    right = right + jnp.where(j >= first_right, window, 0).sum(-1)
     if K == 0:
         return (left + right)[..., None]
     # band diagonals: key j = i + off + r - K for table rows r = 1 .. 2K - 1
-    j = jnp.arange(T, dtype=jnp.int32)[:, None] + off + jnp.arange(1 - K, K, dtype=jnp.int32)[None, :]
+    j = i + jnp.arange(1 - K, K, dtype=jnp.int32)[None, :]
     inside = (j >= 0) & (j < S)  # [T, 2K - 1]
-    diag = jnp.take_along_axis(y, jnp.broadcast_to(jnp.clip(j, 0, S - 1), (*y.shape[:2], *j.shape)), axis=-1)
+    diag = _take_rows(y, jnp.clip(j, 0, S - 1))
     diag = jnp.where(inside, diag, 0)
     return jnp.concatenate([left[..., None], diag, right[..., None]], axis=-1)
 
