@@ -26,9 +26,12 @@ def _tol(ref):
 def small_blocks(monkeypatch):
     """Blocks of 3 query rows, so T = 7 spans three band blocks and three long-sequence blocks.
 
-    The torch Shaw path's chunks shrink to 3 rows (backward) / 6 rows (forward) for B N H = 2 3 4.
+    The torch Shaw path's chunks shrink to 3 rows (backward) / 6 rows (forward) for B N H = 2 3 4;
+    the jax Shaw path's key blocks (for the tail sums of ``reduce``) to at most 3 keys, so S = 9 and
+    S = 6 have three and two blocks, S = 4 two blocks of 2, and S = 7 or 5 blocks of one key.
     """
     import relattn_jax.blockwise
+    import relattn_jax.shaw
     import relattn_torch.blockwise
     import relattn_torch.shaw
 
@@ -36,6 +39,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(relattn_torch.shaw, "CHUNK_ELEMENTS", 3 * B * N * H)
     monkeypatch.setattr(relattn_torch.blockwise, "BLOCK_ROWS", 3)
     monkeypatch.setattr(relattn_jax.blockwise, "BLOCK_ROWS", 3)
+    monkeypatch.setattr(relattn_jax.shaw, "_KEY_BLOCK", 3)
 
 
 def _shaw_inputs(seed, T, S, K, shared=True, keys=True, values=True):
@@ -332,3 +336,66 @@ def test_torch_shaw_tail_calls_cover_each_tail_once():
                         seen[c.row][lo:hi, s0:s1] += hit
                 for row in want:
                     np.testing.assert_array_equal(seen[row], want[row])
+
+
+@pytest.mark.parametrize("key_block", [2, 64])
+@pytest.mark.parametrize("T, S, K, off", [(7, 12, 2, None), (5, 12, 1, -4), (6, 12, 0, 3), (3, 12, 9, 1)])
+def test_jax_reduce_is_bucket_sums(T, S, K, off, key_block, monkeypatch):
+    """jax ``reduce`` (block sums + a window gather) equals a literal per-bucket sum, for key blocks of
+    2 (six blocks of S = 12) and 64 (one block); its adjoint ``expand`` is the literal lookup."""
+    jax = pytest.importorskip("jax")
+    import relattn_jax.shaw as shaw
+
+    monkeypatch.setattr(shaw, "_KEY_BLOCK", key_block)
+    q_offset = S - T if off is None else off
+    ids = oracle.shaw_ids(T, S, K, q_offset)  # [T, S]
+    y = np.random.default_rng(5).normal(size=(B, N, T, S))
+    want = np.zeros((B, N, T, 2 * K + 1))
+    for r in range(2 * K + 1):
+        want[..., r] = np.where(ids == r, y, 0).sum(-1)
+    got = np.asarray(shaw.reduce(jax.numpy.asarray(y), q_offset, K))  # float64 (conftest enables x64)
+    x = np.random.default_rng(6).normal(size=(B, N, T, 2 * K + 1))
+    expanded = np.asarray(shaw.expand(jax.numpy.asarray(x), q_offset, K, S))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(expanded, np.take_along_axis(x, np.broadcast_to(ids, (B, N, T, S)), -1))
+
+
+def test_jax_shaw_half_precision_and_second_order():
+    """bfloat16 inputs keep their dtype and stay within bfloat16 error of float32 (output and grads);
+    grad of grad through the Shaw path's custom VJP equals the reference path's in float64."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    import relattn_jax
+
+    T, S, K = 7, 7, 2
+    x = _shaw_inputs(21, T, S, K)
+    names = ["q", "k", "v", "rel_k", "rel_v"]
+    cot = np.random.default_rng(22).normal(size=(B, T, N, H))
+
+    def loss(impl, dtype):
+        def f(*a):
+            out = relattn_jax.relative_attention(*a, max_distance=K, is_causal=True, implementation=impl)
+            return (out.astype(jnp.float32 if dtype != jnp.float64 else dtype) * cot).sum()
+        return f
+
+    args32 = [jnp.asarray(x[n], jnp.float32) for n in names]
+    out32, g32 = jax.value_and_grad(loss("shaw", jnp.float32), argnums=range(5))(*args32)
+    args16 = [a.astype(jnp.bfloat16) for a in args32]
+    out16, g16 = jax.value_and_grad(loss("shaw", jnp.bfloat16), argnums=range(5))(*args16)
+    assert abs(float(out16) - float(out32)) <= 0.05 * max(1.0, abs(float(out32)))
+    for name, a, b in zip(names, g16, g32):
+        assert a.dtype == jnp.bfloat16, name
+        err = float(jnp.abs(a.astype(jnp.float32) - b).max())
+        assert err <= 0.05 * max(1.0, float(jnp.abs(b).max())), (name, err)
+
+    args64 = [jnp.asarray(x[n], jnp.float64) for n in names]
+    direction = [jnp.asarray(np.random.default_rng(23).normal(size=a.shape)) for a in args64]
+
+    def hvp(impl):
+        g = jax.grad(loss(impl, jnp.float64), argnums=range(5))
+        inner = lambda *a: sum((gi * d).sum() for gi, d in zip(g(*a), direction))  # noqa: E731
+        return jax.grad(inner, argnums=range(5))(*args64)
+
+    for name, a, b in zip(names, hvp("shaw"), hvp("reference")):
+        assert float(jnp.abs(a - b).max()) <= 1e-10 * max(1.0, float(jnp.abs(b).max())), name
