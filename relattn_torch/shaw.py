@@ -183,6 +183,12 @@ class _Band:
     def blocks(self, x, scale=None):
         """Chunk rows x [B, N, n, H] as a contiguous [B, N, nblk, b, H] (times ``scale``), zero-padded."""
         B, N, _, H = x.shape
+        if torch.compiler.is_compiling():
+            # the eager form below writes through out=; inductor (torch 2.13, T = 4096) gave that
+            # result x's strides while its graph said contiguous, and then failed to view it as 3-d
+            y = x if scale is None else x * scale
+            y = F.pad(y, (0, 0, 0, self.nblk * self.b - self.n)).contiguous()
+            return y.view(B, N, self.nblk, self.b, H)
         out = x.new_empty(B, N, self.nblk * self.b, H)
         if scale is None:
             out[:, :, : self.n] = x
