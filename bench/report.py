@@ -13,20 +13,25 @@ COLORS = {"ours": "C0", "ours_compile": "C1", "floor": "C2", "naive_shaw": "C3",
 def merge(dirs):
     """Rows of several runs; a later run's row replaces an earlier one for the same case."""
     rows, machine = {}, None
-    for d in dirs:
+    for i, d in enumerate(dirs):
         data = json.loads((Path(d) / "results.json").read_text())
         machine = data["machine"]
         for r in data["rows"]:
-            rows[(r["framework"], r["impl"], r["S"], r["causal"], r["mode"])] = r
+            rows[(r["framework"], r["impl"], r["S"], r["causal"], r["mode"])] = {**r, "run": i}
     return list(rows.values()), machine
 
 
 def ratios(rows):
-    """Add time_x / mem_x: each contestant over the floor of the same group (one process)."""
+    """Add time_x / mem_x: each contestant over the floor of the same group (one process).
+
+    After ``merge``, a row and the floor row of its group may come from different runs: then no
+    time ratio is given (the cell shows "(-)"), since the two were not timed side by side. Peak
+    memory is measured in a process of its own anyway, so its ratio is given across runs.
+    """
     floor = {(r["framework"], r["S"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "floor"}
     for r in rows:
         f = floor.get((r["framework"], r["S"], r["causal"], r["mode"]))
-        if f and "median_s" in r and "median_s" in f:
+        if f and "median_s" in r and "median_s" in f and r.get("run") == f.get("run"):
             r["time_x"] = r["median_s"] / f["median_s"]
         if f and r.get("peak_mib") and f.get("peak_mib"):
             r["mem_x"] = r["peak_mib"] / f["peak_mib"]
@@ -62,7 +67,7 @@ def _cell(r):
         err = r.get("error", "?")
         err = "killed: out of memory" if err.startswith("exit -9") else err
         return "n/a: " + err.replace("|", "/")[:60]
-    s = f"{r['median_s'] * 1e3:.0f} ({r.get('time_x', float('nan')):.2f}x)"
+    s = f"{r['median_s'] * 1e3:.0f} ({r['time_x']:.2f}x)" if "time_x" in r else f"{r['median_s'] * 1e3:.0f} (-)"
     if r.get("peak_mib") is not None:
         s += f"; {r['peak_mib']:.0f} MiB" + (f" ({r['mem_x']:.2f}x)" if "mem_x" in r else "")
     elif r.get("memory_error", "").startswith("exit -9"):

@@ -98,3 +98,25 @@ def test_bench_case_runs_a_group(framework):
     assert "error" in res["no_such_peer"] and "median_s" not in res["no_such_peer"]
     mem = case.main(dict(spec, impls=["ours"], repeats=1, memory=True))
     assert mem["ours"]["peak_mib"] >= 0
+
+
+def test_report_gives_time_ratios_only_within_one_run(tmp_path):
+    """Merged runs: a later run's row replaces an earlier one; x-the-floor needs both rows from one run."""
+    import json
+
+    from bench import report
+
+    def row(impl, S, t, mib):
+        return {"framework": "torch", "impl": impl, "S": S, "causal": False, "mode": "fwd", "median_s": t, "peak_mib": mib}
+
+    runs = {"a": [row("floor", 256, 1.0, 10.0), row("ours", 256, 2.0, 30.0), row("ours", 512, 8.0, 40.0),
+                  row("floor", 512, 4.0, 20.0)],
+            "b": [row("ours", 256, 3.0, 60.0)]}
+    for name, rows in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"machine": {}, "rows": rows}))
+    rows = report.ratios(report.merge([tmp_path / "a", tmp_path / "b"])[0])
+    by = {(r["impl"], r["S"]): r for r in rows}
+    assert by["ours", 256]["median_s"] == 3.0 and "time_x" not in by["ours", 256]  # from run b, floor from a
+    assert by["ours", 256]["mem_x"] == 6.0  # memory runs are separate processes anyway
+    assert by["ours", 512]["time_x"] == 2.0 and report._cell(by["ours", 256]).startswith("3000 (-)")
