@@ -98,8 +98,8 @@ def _assert_grads_match_finite_differences(bk, inputs, rng, **kw):
 
 @pytest.mark.parametrize("form", list(DENSE_SHAPES))
 def test_dense_edge_gradients_match_finite_differences(bk, form):
-    """The dense-edge fast paths (per-head loops in torch, block-diagonal GEMM in JAX) have
-    hand-shaped backward passes; every input's gradient is checked against the oracle."""
+    """The dense-edge fast paths (block-diagonal GEMMs; a hand-written autograd backward in torch):
+    every input's gradient is checked against finite differences of the oracle."""
     rng = np.random.default_rng(10)
     B, T, S, N, H = 2, 3, 4, 3, 2
     inputs = qkv(rng, B, T, S, N, H)
