@@ -27,6 +27,7 @@ def main(argv=None):
         import torch
 
         import relattn_torch
+        import relattn_torch.shaw
 
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(B, S, N, H, generator=g, requires_grad=True) for _ in range(3))
@@ -34,7 +35,7 @@ def main(argv=None):
         out = relattn_torch.relative_attention(q, k, v, rk, rv, max_distance=K, is_causal=a.causal)
         out.sum().backward()
         finite = bool(torch.isfinite(q.grad).all())
-        path = "shaw" if relattn_torch.attention.shaw.supports(S, S, 0, K, a.causal) else "blockwise"
+        path = "shaw" if relattn_torch.shaw.supports(S, S, 0, K, a.causal) else "blockwise"
     else:
         import jax
         import jax.numpy as jnp

@@ -120,3 +120,17 @@ def test_report_gives_time_ratios_only_within_one_run(tmp_path):
     assert by["ours", 256]["median_s"] == 3.0 and "time_x" not in by["ours", 256]  # from run b, floor from a
     assert by["ours", 256]["mem_x"] == 6.0  # memory runs are separate processes anyway
     assert by["ours", 512]["time_x"] == 2.0 and report._cell(by["ours", 256]).startswith("3000 (-)")
+
+
+@pytest.mark.parametrize("fw, path", [("torch", "shaw"), ("jax", "shaw")])
+def test_long_sequence_check_runs_and_reports(fw, path, capsys):
+    """bench.long_sequence (the T = S = 16384 memory check) end to end at S = 64: one JSON line."""
+    import json
+
+    pytest.importorskip(fw)
+    from bench import long_sequence
+
+    long_sequence.main(["--framework", fw, "-S", "64"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["framework"] == fw and out["S"] == 64 and out["path"] == path
+    assert out["finite_grads"] is True and out["peak_rss_gib"] > 0
