@@ -30,6 +30,7 @@ def ratios(rows):
     """
     floor = {(r["framework"], r["S"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "floor"}
     for r in rows:
+        r.pop("time_x", None), r.pop("mem_x", None)  # a merged run's results.json carries old ones
         f = floor.get((r["framework"], r["S"], r["causal"], r["mode"]))
         if f and "median_s" in r and "median_s" in f and r.get("run") == f.get("run"):
             r["time_x"] = r["median_s"] / f["median_s"]

@@ -111,7 +111,7 @@ def test_report_gives_time_ratios_only_within_one_run(tmp_path):
 
     runs = {"a": [row("floor", 256, 1.0, 10.0), row("ours", 256, 2.0, 30.0), row("ours", 512, 8.0, 40.0),
                   row("floor", 512, 4.0, 20.0)],
-            "b": [row("ours", 256, 3.0, 60.0)]}
+            "b": [dict(row("ours", 256, 3.0, 60.0), time_x=9.9)]}  # a stale ratio from an earlier merge
     for name, rows in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"machine": {}, "rows": rows}))
