@@ -59,6 +59,19 @@ def _oracle_shaw(x, K, q_offset, T, S, **kw):
     return oracle.relative_attention(x["q"], x["k"], x["v"], x["rel_k"], x["rel_v"], rel_ids=ids, scale=SCALE, **kw)
 
 
+def _check_path(be, x, cot, ref, impl, **kw):
+    """``impl``'s output equals the oracle's ``ref``; its gradients (of sum(out * cot)) are finite and
+    equal the same framework's reference path's. Returns the output."""
+    out, grads = be.attention_grads(x, cot, implementation=impl, **kw)
+    assert np.abs(out - ref).max() <= _tol(ref)
+    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)), name
+        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+    return out
+
+
 # (T, S, K, q_offset or None = S - T, causal, shared, keys, values)
 SHAW_CASES = [
     (7, 7, 2, None, False, True, True, True),
@@ -97,14 +110,7 @@ def test_shaw_paths_match_oracle_and_reference_grads(fw, impl, case):
     q_offset = S - T if off is None else off
     ref = _oracle_shaw(x, K, q_offset, T, S, is_causal=causal)
     kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE)
-    cot = np.random.default_rng(1).normal(size=ref.shape)
-    out, grads = be.attention_grads(x, cot, implementation=impl, **kw)
-    assert np.abs(out - ref).max() <= _tol(ref)
-    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
-    assert set(grads) == set(ref_grads)
-    for name, g in grads.items():
-        assert np.all(np.isfinite(g)), name
-        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+    _check_path(be, x, np.random.default_rng(1).normal(size=ref.shape), ref, impl, **kw)
 
 
 @pytest.mark.parametrize("case", [SHAW_CASES[i] for i in (1, 3, 5)], ids=_case_id)
@@ -142,23 +148,16 @@ def test_masked_shaw(fw, impl, mask_name):
     be = backend(fw)
     mask = _masks()[mask_name]
     x = _shaw_inputs(5, 5, 6, 2)
-    kw = dict(max_distance=2, mask=mask, scale=SCALE, implementation=impl)
+    kw = dict(max_distance=2, mask=mask, scale=SCALE)
     if fw == "torch" and impl == "shaw":
         with pytest.raises(ValueError, match="implementation='shaw' needs"):
-            be.attention(x, **kw)
+            be.attention(x, implementation=impl, **kw)
         return
     ref = _oracle_shaw(x, 2, 1, 5, 6, mask=mask)
-    cot = np.random.default_rng(4).normal(size=ref.shape)
-    out, grads = be.attention_grads(x, cot, **kw)
-    assert np.abs(out - ref).max() <= _tol(ref)
+    out = _check_path(be, x, np.random.default_rng(4).normal(size=ref.shape), ref, impl, **kw)
     vis = oracle.visibility(B, N, 5, 6, mask)
     empty = ~vis.any(-1)  # [B, N, T]
     assert np.all(out.transpose(0, 2, 1, 3)[empty] == 0.0)
-    for g in grads.values():
-        assert np.all(np.isfinite(g))
-    _, ref_grads = be.attention_grads(x, cot, **{**kw, "implementation": "reference"})
-    for name, g in grads.items():
-        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
 
 
 def _table_and_dense_inputs(form, T=7, S=5):
@@ -190,12 +189,7 @@ def test_blockwise_tables_and_dense_edges(fw, form, causal):
     mask = np.random.default_rng(6).random((1, N, 7, 5)) < 0.7
     kw.update(is_causal=causal, mask=mask, scale=SCALE)
     ref = oracle.relative_attention(x["q"], x["k"], x["v"], x.get("rel_k"), x.get("rel_v"), **kw)
-    cot = np.random.default_rng(8).normal(size=ref.shape)
-    out, grads = be.attention_grads(x, cot, implementation="blockwise", **kw)
-    assert np.abs(out - ref).max() <= _tol(ref)
-    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
-    for name, g in grads.items():
-        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+    _check_path(be, x, np.random.default_rng(8).normal(size=ref.shape), ref, "blockwise", **kw)
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
@@ -303,12 +297,7 @@ def test_torch_shaw_chunks_and_tiles(case, chunk_rows, monkeypatch):
     q_offset = S - T if off is None else off
     ref = _oracle_shaw(x, K, q_offset, T, S, is_causal=causal)
     kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE)
-    cot = np.random.default_rng(5).normal(size=ref.shape)
-    out, grads = be.attention_grads(x, cot, implementation="shaw", **kw)
-    assert np.abs(out - ref).max() <= _tol(ref)
-    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
-    for name, g in grads.items():
-        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+    _check_path(be, x, np.random.default_rng(5).normal(size=ref.shape), ref, "shaw", **kw)
 
 
 def test_torch_shaw_tail_calls_cover_each_tail_once():
