@@ -1,11 +1,12 @@
 # Two entry points that set up a fresh machine from nothing (see README):
 #   make demo   -> create .venv, install pinned deps, run the main job
 #   make test   -> create .venv, install pinned deps, run the test suite
+#   make docs   -> build the documentation site into site/ (mkdocs, --strict)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-slow docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,3 +25,6 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --slow
+
+docs: setup
+	$(BIN)/python -m mkdocs build --strict -q
