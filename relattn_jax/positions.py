@@ -19,6 +19,15 @@ def relative_position_ids(q_len: int, k_len: int, max_distance: int, *, q_offset
         [[1, 2, 2],
          [0, 1, 2],
          [0, 0, 1]]
+
+    Args:
+        q_len: T, the number of queries.
+        k_len: S, the number of keys.
+        max_distance: K >= 0, the clipping distance; the ids take R = 2K + 1 values.
+        q_offset: position of query 0 among the keys (int or 0-d integer array, may be traced).
+
+    Returns:
+        int32 array [T, S] of ids in [0, 2K].
     """
     _spec.check_positions(q_len, k_len, max_distance)
     i = jnp.arange(q_len, dtype=jnp.int32)[:, None] + jnp.asarray(q_offset, jnp.int32)

@@ -28,6 +28,10 @@ def save_weights(module: nnx.Module, path) -> None:
     Keys are the canonical names in sorted order, dtypes are the parameters' own,
     and the metadata is fixed, so the file depends only on the weights. The file is
     written to a temporary name and renamed, so a crash never leaves half a file.
+
+    Args:
+        module: an NNX module; every parameter is written under its canonical name.
+        path: the file to write (str or ``os.PathLike``).
     """
     params, _ = _named_params(module)
     arrays = {name: _to_bytes(p[...]) for name, p in sorted(params.items())}

@@ -14,6 +14,16 @@ def causal_mask(q_len: int, k_len: int, *, q_offset: int | torch.Tensor | None =
         [[1, 0, 0],
          [1, 1, 0],
          [1, 1, 1]]
+
+    Args:
+        q_len: T, the number of queries.
+        k_len: S, the number of keys.
+        q_offset: position of query 0 among the keys (int or 0-d integer tensor);
+            default S - T.
+        device: torch device of the result (default: the current default).
+
+    Returns:
+        bool [T, S]; True where the query may attend the key.
     """
     offset = k_len - q_len if q_offset is None else q_offset
     i = torch.arange(q_len, device=device)[:, None]
@@ -22,13 +32,28 @@ def causal_mask(q_len: int, k_len: int, *, q_offset: int | torch.Tensor | None =
 
 
 def padding_mask(lengths: torch.Tensor, k_len: int) -> torch.Tensor:
-    """[B, 1, 1, S] bool: key j of example b is visible iff j < lengths[b]."""
+    """[B, 1, 1, S] bool: key j of example b is visible iff j < lengths[b].
+
+    Args:
+        lengths: int [B], the number of valid (leading) keys of each example.
+        k_len: S, the number of keys.
+
+    Returns:
+        bool [B, 1, 1, S], broadcastable against [B, N, T, S] logits.
+    """
     j = torch.arange(k_len, device=lengths.device)
     return (j[None, :] < lengths[:, None])[:, None, None, :]
 
 
 def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
-    """Logical AND of the masks that are not None (None if all are None)."""
+    """Logical AND of the masks that are not None.
+
+    Args:
+        *masks: bool masks broadcastable to one shape (e.g. [B, N, T, S]), or None.
+
+    Returns:
+        Their broadcast AND, or None if every mask is None.
+    """
     out = None
     for m in masks:
         if m is not None:

@@ -25,6 +25,10 @@ def save_weights(module: torch.nn.Module, path) -> None:
     Keys are the canonical names in sorted order, dtypes are the parameters' own,
     and the metadata is fixed, so the file depends only on the weights. The file is
     written to a temporary name and renamed, so a crash never leaves half a file.
+
+    Args:
+        module: a ``torch.nn.Module``; every parameter is written under its canonical name.
+        path: the file to write (str or ``os.PathLike``).
     """
     arrays = {name: _to_bytes(p) for name, p in sorted(module.named_parameters())}
     write(arrays, path)
