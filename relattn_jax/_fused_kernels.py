@@ -138,7 +138,7 @@ def _key_tiles(cfg, scalars, i0):
     end = scalars[1]
     if cfg.causal:
         end = jnp.minimum(end, i0 + cfg.block_t + cfg.S - cfg.T)
-    return jnp.maximum(end + cfg.block_s - 1, 0) // cfg.block_s
+    return lax.div(jnp.maximum(end + cfg.block_s - 1, 0), jnp.int32(cfg.block_s))  # operands >= 0: plain division
 
 
 def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, av_ref, mask_ref, o_ref, lse_ref, c_ref, *, cfg):
@@ -224,7 +224,7 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, gv_ref, mask_ref, lse_ref,
 def _query_tiles(cfg, scalars, j0):
     """First and end query tile that can see keys j0 ..: the causal edge, the key length."""
     n = -(-cfg.T // cfg.block_t)
-    lo = jnp.maximum(j0 - (cfg.S - cfg.T), 0) // cfg.block_t if cfg.causal else 0
+    lo = lax.div(jnp.maximum(j0 - (cfg.S - cfg.T), 0), jnp.int32(cfg.block_t)) if cfg.causal else 0
     live = j0 < scalars[1]
     return lo, jnp.where(live, n, lo)
 

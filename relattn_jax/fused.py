@@ -37,6 +37,7 @@ INTERPRET_ENV = "RELATTN_PALLAS_INTERPRET"
 _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 _MIN_DIM = 16  # Triton's dot needs every tile dim >= 16; H and R are padded to powers of two >= this
 _HIGHEST = jax.lax.Precision.HIGHEST
+_TPU_TILE = 128  # lanes of a TPU vector register
 _PLANTED_BUG = None  # test hook: "band_edge" or "dropped_bucket" plants a known bug in the kernels
 
 
@@ -133,6 +134,8 @@ def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
     """The kernels' static config and padded sizes (Tp, Sp, Hp, Rp)."""
     bt = min(BLOCK_T, _pow2(d.T))
     bs = min(BLOCK_S, _pow2(d.S))
+    if platform == "tpu":  # Mosaic tiles: key tiles span whole 128-lane rows (of the mask in the column pass)
+        bt, bs = max(bt, _TPU_TILE), max(bs, _TPU_TILE)
     Tp, Sp = -(-d.T // bt) * bt, -(-d.S // bs) * bs
     Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
     mask_shape = None
