@@ -2,8 +2,14 @@
 
     demo   train the relative model and the absolute baseline (JAX), evaluate both at
            L, 2L, 4L, print/save the table and plot, show a few greedy generations
+           (replaces the previous demo's runs unless --resume)
     jax    one run of the Flax NNX trainer (``--distributed`` calls jax.distributed.initialize())
-    torch  one run of the PyTorch twin (eager; ``--compile``; under torchrun: DDP)
+    torch  one run of the PyTorch twin (eager; ``--compile``; under torchrun: DDP;
+           ``--device auto|cpu|cuda[:i]``, ``--precision bfloat16`` for autocast)
+
+A fresh run needs an empty --out-dir (--overwrite deletes what is there); --resume continues
+the run there (--allow-fresh: start from step 0 when there is nothing to resume). Errors that
+stop a run exit 1, invalid flag values exit 2.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ def main(argv=None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
+    from .rundir import RunError
+
+    try:
+        run_command(command, rest)
+    except RunError as e:
+        print(f"python -m train {command}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_command(command: str, rest: list[str]) -> None:
+    """Parse the flags (bad values exit 2 naming the field) and run the command."""
     from .config import parse_args
 
     if command == "demo":

@@ -3,6 +3,8 @@
 Trains both models (same size, data, steps and optimizer) with the JAX trainer at length
 L, evaluates at L, 2L and 4L, writes ``table.md``, ``demo.png`` and ``demo.json`` under
 the output directory, and shows greedy generations of the relative model on a 4L prompt.
+Each run replaces the previous demo's runs in ``relative/`` and ``absolute/`` (``--overwrite``),
+unless ``--resume`` continues them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def run_demo(cfg: TrainConfig) -> dict:
 
     results, curves, seconds = {}, {}, {}
     for position in ("relative", "absolute"):
-        run = dataclasses.replace(cfg, position=position, out_dir=str(out / position))
+        run = dataclasses.replace(cfg, position=position, out_dir=str(out / position), overwrite=not cfg.resume)
         t0 = time.perf_counter()
         summary = train(run)
         seconds[position] = time.perf_counter() - t0

@@ -7,15 +7,18 @@ TPU slice. Multi-host: call ``jax.distributed.initialize()`` first (``--distribu
 in ``python -m train jax``); each host then generates the global batch and keeps its
 own rows (the batch is a pure function of seed and step).
 
-Checkpoints (orbax) hold {model, optimizer, step}; data depend only on (seed, step),
-so ``--resume`` continues bit-for-bit.
+Checkpoints (orbax) hold {model, optimizer} and {step, config}; the last
+``--keep-checkpoints`` are kept, and ``--resume`` restores the newest one that passes its
+checks. Data depend only on (seed, step), so ``--resume`` continues bit-for-bit.
+Nothing here assumes a platform: ``--device auto`` (the default) takes every device of
+the default backend; ``cpu`` and ``cuda[:i]`` pick from ``jax.devices("cpu")`` /
+``jax.devices("gpu")``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,9 +31,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import tasks
+from . import rundir, tasks
 from .config import TrainConfig, decays
 from .report import MetricsLog, progress
+from .rundir import RunError, note
 
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
 
@@ -91,6 +95,30 @@ def train_step(model, optimizer, tokens, targets, weights):
     return loss, acc
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True if every float leaf of ``tree`` is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def select_devices(spec: str) -> list:
+    """``auto``: ``jax.devices()``; ``cpu``: the CPU devices; ``cuda``: the GPUs; ``cuda:i``: GPU i."""
+    if spec == "auto":
+        return jax.devices()
+    platform = "cpu" if spec == "cpu" else "gpu"
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError as e:
+        raise RunError(f"device {spec!r}: jax has no {platform} backend here ({e})") from e
+    if ":" in spec:
+        i = int(spec.split(":")[1])
+        if i >= len(devices):
+            raise RunError(f"device {spec!r}: jax sees {len(devices)} GPU(s)")
+        devices = devices[i : i + 1]
+    return devices
+
+
 @nnx.jit
 def eval_step(model, tokens, targets, weights):
     logits = model(tokens)
@@ -105,7 +133,7 @@ class Trainer:
         self.cfg = cfg
         self.model = build_model(cfg)
         self.optimizer = nnx.Optimizer(self.model, make_tx(cfg), wrt=nnx.Param)
-        self.devices = list(jax.devices() if devices is None else devices)
+        self.devices = list(select_devices(cfg.device) if devices is None else devices)
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.replicate()
@@ -149,7 +177,8 @@ class Trainer:
     def checkpointer(self):
         import orbax.checkpoint as ocp
 
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=self.cfg.ckpt_every,
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints,
+                                               save_interval_steps=self.cfg.ckpt_every,
                                                enable_async_checkpointing=False)
         return ocp.CheckpointManager(Path(self.cfg.out_dir, "checkpoints").absolute(), options=options)
 
@@ -161,74 +190,137 @@ class Trainer:
                                                    meta=ocp.args.JsonSave({"step": step, "config": self.cfg.to_json()})),
                      force=force)
 
-    def restore(self, manager) -> int:
-        """Load the latest checkpoint; return the number of steps already done (0 if none)."""
+    def restore(self, manager) -> tuple[int | None, list[str]]:
+        """Load the newest valid checkpoint, deleting the invalid ones after it.
+
+        Returns:
+            (its step, or None if none is valid; one line per invalid checkpoint).
+
+        Raises:
+            RunError: a readable checkpoint whose config differs from this run's (see ``rundir``).
+        """
+        reasons = []
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                self.load_step(manager, step)
+                return step, reasons
+            except RunError:
+                raise
+            except Exception as e:  # a torn or foreign step: orbax and the checks raise many types
+                reasons.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                note(f"checkpoint {manager.directory}/{step} is not valid ({reasons[-1]}); "
+                     f"falling back to the one before it")
+                if jax.process_index() == 0:
+                    manager.delete(step)
+        return None, reasons
+
+    def load_step(self, manager, step: int) -> None:
+        """Restore one step, check it (step, config, finite values), then load it into model and optimizer."""
         import orbax.checkpoint as ocp
 
-        step = manager.latest_step()
-        if step is None:
-            return 0
         state = nnx.state((self.model, self.optimizer))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        if int(meta["step"]) != step:
+            raise ValueError(f"holds step {meta['step']}, its directory says {step}")
+        rundir.check_resume(meta["config"], self.cfg)
+        if not bool(all_finite(restored["state"])):
+            raise ValueError("holds non-finite values")
         nnx.replace_by_pure_dict(state, restored["state"])
         nnx.update((self.model, self.optimizer), state)
+        self.replicate()
+
+
+def resume(trainer: Trainer, manager) -> int:
+    """The step to start from: the newest valid checkpoint's, or 0 (``--allow-fresh``)."""
+    step, reasons = trainer.restore(manager)
+    if step is not None:
         return step
+    rundir.nothing_to_resume(trainer.cfg, reasons, is_writer=jax.process_index() == 0)
+    return 0
 
 
 def train(cfg: TrainConfig, devices=None) -> dict:
-    """Run (or resume) training, evaluate at L * eval_scales, write metrics, plot, weights.
+    """Run (or resume) training, write the weights, evaluate at L * eval_scales, write metrics and plot.
 
     Args:
         cfg: the run.
-        devices: the devices of the data-parallel mesh; default all of ``jax.devices()``.
+        devices: the devices of the data-parallel mesh; default ``select_devices(cfg.device)``.
 
     Returns:
         {"final": last logged train metrics, "eval": [per-length eval rows], "out_dir": ...}.
+
+    Raises:
+        RunError: the output directory holds another run or nothing to resume, the flags
+            differ from the resumed run's, or the loss became non-finite (the checkpoints
+            written before that are kept).
     """
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run starts from step 0
     trainer = Trainer(cfg, devices)
+    is_resume = rundir.prepare(cfg, is_writer=jax.process_index() == 0)
+    _sync("relattn-train-prepare")
     manager = trainer.checkpointer()
-    start = trainer.restore(manager) if cfg.resume else 0
+    start = resume(trainer, manager) if is_resume else 0
     log = MetricsLog(out / "metrics.jsonl", keep_until=start)
     tokens_per_step = cfg.batch_size * tasks.seq_len(cfg.task, cfg.length)
     bar = progress(cfg, start, "jax")
-    last, t0, since = {}, time.perf_counter(), start
+    last, t0, since, checked, finite = {}, time.perf_counter(), start, start, jnp.asarray(True)
     for step in range(start, cfg.steps):
         loss, acc = trainer.step(step)
+        finite = finite & jnp.isfinite(loss)  # on the device: no host sync per step
         done = step + 1
+        save = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or save:
+            if not bool(finite & (all_finite(nnx.state(trainer.model, nnx.Param)) if save else True)):
+                raise RunError(_nonfinite_message(manager, checked, done))
+            checked = done
         if done % cfg.log_every == 0 or done == cfg.steps:
-            loss, acc = float(loss), float(acc)  # the only host sync
+            loss, acc = float(loss), float(acc)  # the host syncs at log steps only
             dt = time.perf_counter() - t0
             last = {"step": done, "loss": loss, "acc": acc, "tokens_per_s": tokens_per_step * (done - since) / dt}
             log.write(last)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             t0, since = time.perf_counter(), done
         bar.update(1)
-        if done % cfg.ckpt_every == 0 and done < cfg.steps:
-            trainer.save(manager, done)
+        if save:
+            trainer.save(manager, done, force=done == cfg.steps)
         if done == cfg.crash_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    if manager.latest_step() != cfg.steps:
-        trainer.save(manager, cfg.steps, force=True)
     manager.wait_until_finished()
     return finish(trainer, last, out)
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _nonfinite_message(manager, checked: int, done: int) -> str:
+    latest = manager.latest_step()
+    where = (f"{manager.directory}/{latest} (step {latest}); it and the ones "
+             f"before it are kept" if latest is not None else "no checkpoint had been written")
+    steps = f"step {done}" if done == checked + 1 else f"steps {checked + 1}-{done}"
+    return (f"the training loss or the weights became non-finite ({steps}); stopped without writing weights. "
+            f"The last good checkpoint: {where}")
+
+
 def finish(trainer: Trainer, last: dict, out: Path) -> dict:
+    """Write the weight file, then evaluate and write the evaluation files."""
     from relattn_jax.weights import save_weights
 
     from .report import write_eval
 
     cfg = trainer.cfg
-    rows = [trainer.evaluate(cfg.length * s) for s in cfg.eval_scales]
     if jax.process_index() == 0:
-        save_weights(trainer.model, out / "weights.safetensors")
-        write_eval(out, cfg, rows, framework="jax")
+        save_weights(trainer.model, out / "weights.safetensors")  # before evaluating: nothing can lose them
+    rows = [trainer.evaluate(cfg.length * s) for s in cfg.eval_scales]
     summary = {"final": last, "eval": rows, "out_dir": str(out), "devices": len(trainer.devices)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if jax.process_index() == 0:
+        write_eval(out, cfg, rows, framework="jax")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -9,13 +9,16 @@ from pathlib import Path
 
 class MetricsLog:
     """Append-only JSONL of train metrics; on resume, rows after ``keep_until`` are dropped
-    (they were written after the checkpoint the run resumes from)."""
+    (they were written after the checkpoint the run resumes from), and so is a torn last
+    line (a kill in the middle of a write)."""
 
     def __init__(self, path: Path, keep_until: int = 0):
         self.path = Path(path)
         rows = read_jsonl(self.path) if keep_until else []
         kept = [r for r in rows if r["step"] <= keep_until]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -24,10 +27,30 @@ class MetricsLog:
 
 
 def read_jsonl(path) -> list[dict]:
+    """The rows of a metrics file; a torn last line is dropped with a notice, a bad line elsewhere raises.
+
+    Raises:
+        RunError: a line other than the last is not a JSON object.
+    """
+    from .rundir import RunError, note
+
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+            if not isinstance(rows[-1], dict) or "step" not in rows[-1]:
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise RunError(f"{path} line {i + 1} is not a metrics row ({e}); it is not a torn last line, "
+                               f"so the file was changed by something else") from e
+            note(f"dropping the torn last line of {path} (written when the run was killed): {line[:80]!r}")
+            rows = rows[:i]
+    return rows
 
 
 class _Quiet:
