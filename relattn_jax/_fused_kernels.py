@@ -48,7 +48,7 @@ class Config:
     mask_shape: tuple | None  # the padded 4-d mask's shape, or None
     platform: str  # "gpu", "tpu" or "interpret": which block specs and compiler params
     num_warps: int
-    planted_bug: str | None = None  # test hook: "band_edge" or "dropped_bucket"
+    planted_bug: str | None = None  # test hook: "band_edge", "dropped_bucket" or "gather"
 
 
 def bucket(distance, K: int, planted_bug=None):
@@ -87,8 +87,10 @@ def _id_range(cfg, i0, j0, off):
     return bucket(d_min, cfg.K, cfg.planted_bug), bucket(d_max, cfg.K, cfg.planted_bug)
 
 
-def _expand(x, ids, r_lo, r_hi):
+def _expand(x, ids, r_lo, r_hi, planted_bug=None):
     """x [BLOCK_T, R] read at ids [BLOCK_T, BLOCK_S] -> [BLOCK_T, BLOCK_S], one id at a time."""
+    if planted_bug == "gather":  # test hook: the gather Pallas' Triton lowering lacks
+        return jnp.take_along_axis(x, ids, axis=1)
     rcol = _iota((1, x.shape[1]), 1)
 
     def body(r, out):
@@ -153,7 +155,7 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, av_ref, mask_ref, o_ref, 
         ids, vis, r_lo, r_hi = _tile(cfg, scalars, mask_ref, i0, j0, False, True)
         s = _dot(q, k_ref[pl.ds(j0, cfg.block_s), :], trans_b=True) * cfg.scale  # [BLOCK_T, BLOCK_S]
         if cfg.keys:
-            s = s + _expand(qa, ids, r_lo, r_hi)
+            s = s + _expand(qa, ids, r_lo, r_hi, cfg.planted_bug)
         s = jnp.where(vis, s, _MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [BLOCK_T, 1]
         alpha = jnp.exp(m - m_new)
@@ -185,11 +187,11 @@ def _probs_and_ds(cfg, tile, q, k, v, do, qa, gv, lse, dlt):
     ids, vis, r_lo, r_hi = tile
     s = _dot(q, k, trans_b=True) * cfg.scale
     if cfg.keys:
-        s = s + _expand(qa, ids, r_lo, r_hi)
+        s = s + _expand(qa, ids, r_lo, r_hi, cfg.planted_bug)
     p = jnp.where(vis, jnp.exp(s - lse), 0.0)
     dp = _dot(do, v, trans_b=True)
     if cfg.values:
-        dp = dp + _expand(gv, ids, r_lo, r_hi)
+        dp = dp + _expand(gv, ids, r_lo, r_hi, cfg.planted_bug)
     return p, p * (dp - dlt)
 
 

@@ -38,7 +38,7 @@ _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 _MIN_DIM = 16  # Triton's dot needs every tile dim >= 16; H and R are padded to powers of two >= this
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TPU_TILE = 128  # lanes of a TPU vector register
-_PLANTED_BUG = None  # test hook: "band_edge" or "dropped_bucket" plants a known bug in the kernels
+_PLANTED_BUG = None  # test hook: "band_edge", "dropped_bucket" or "gather" plants a known bug in the kernels
 
 
 def unavailable(q=None) -> str | None:

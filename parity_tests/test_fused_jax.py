@@ -1,0 +1,371 @@
+"""The Pallas fused kernel (``relattn_jax.fused``) against the float64 oracle and the einsum path.
+
+Kernels run in the Pallas interpreter with 16 x 16 tiles, so T, S of 40-70 span several tiles with
+ragged edges. Outputs are compared with ``oracle.relative_attention`` and every gradient with the
+einsum path of ``relative_attention`` run in float64 on the same (rounded) inputs; one test checks
+directional derivatives against finite differences of the oracle. Lowering for the real targets
+(Triton on cuda, Mosaic on tpu) is checked with ``jax.export`` and needs no device.
+
+Compiling an interpreted kernel costs seconds on this CPU (running it, milliseconds), so each case
+compiles one jitted value-and-grad, with XLA's CPU optimisations off (``_compile``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from relattn_jax import attention, fused, padding_mask, relative_attention  # noqa: E402
+
+from . import oracle  # noqa: E402
+from .numerics import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.fused
+
+B, N = 2, 3
+TILE = 16
+ARGS = ("q", "k", "v", "rel_k", "rel_v")
+# XLA CPU compiles the interpreted kernels ~3x faster without its optimisation passes and fusion emitters.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# float32: the brief's bound. Half precision: the kernel rounds p to the input dtype before p @ v (as
+# flash attention does) and the output once more; with unit-roundoff u (float16 2**-11, bfloat16 2**-8)
+# and O(1) logits, errors of a few u * |ref| are expected; the bounds are ~3x the measured maxima.
+TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_T", TILE)
+    monkeypatch.setattr(fused, "BLOCK_S", TILE)
+
+
+def _einsum_impl() -> str:
+    """The einsum path's name ("reference" in older trees)."""
+    names = getattr(attention, "IMPLEMENTATIONS", ())
+    return "einsum" if "einsum" in names else "reference"
+
+
+def _inputs(seed, T, S, H, K, shared=True, keys=True, values=True):
+    rng = np.random.default_rng(seed)
+    table = (2 * K + 1, H) if shared else (2 * K + 1, N, H)
+    return {
+        "q": rng.normal(size=(B, T, N, H)),
+        "k": rng.normal(size=(B, S, N, H)),
+        "v": rng.normal(size=(B, S, N, H)),
+        "rel_k": rng.normal(size=table) if keys else None,
+        "rel_v": rng.normal(size=table) if values else None,
+        "cot": rng.normal(size=(B, T, N, H)),
+    }
+
+
+def _compile(jitted, *args):
+    """jitted lowered and compiled with FAST_COMPILE (or plainly, where this XLA lacks those options)."""
+    lowered = jitted.lower(*args)
+    try:
+        return lowered.compile(FAST_COMPILE)
+    except Exception:  # an XLA without one of the options
+        return lowered.compile()
+
+
+def _value_and_grads(fn, x, dtype):
+    """fn's output and the gradients of sum(out * cot) for every array input, in ``dtype``."""
+    names = [n for n in ARGS if x.get(n) is not None]
+    arrays = [jnp.asarray(x[n], dtype) for n in names]
+    cot = jnp.asarray(x["cot"], jnp.float32 if dtype != jnp.float64 else jnp.float64)
+
+    def loss(*arrays):
+        out = fn(**dict(zip(names, arrays)))
+        return jnp.sum(out.astype(cot.dtype) * cot), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+    (_, out), grads = _compile(step, *arrays)(*arrays)
+    as64 = lambda a: np.asarray(a.astype(jnp.float32) if a.dtype != jnp.float64 else a, np.float64)
+    return as64(out), {n: as64(g) for n, g in zip(names, grads)}
+
+
+def _rounded(x, dtype):
+    """x's arrays rounded to dtype and back to float64 (the references see the kernel's inputs)."""
+    return {n: (None if a is None else np.asarray(jnp.asarray(a, dtype).astype(jnp.float64))) for n, a in x.items()}
+
+
+def _check(x, K, dtype="float32", q_offset=None, is_causal=False, mask=None, key_lengths=None, **fused_kw):
+    """The fused kernel's output equals the oracle's and the float64 einsum path's; every gradient
+    equals the einsum path's. Returns (output, grads) of the kernel."""
+    dt = jnp.dtype(dtype)
+    T, S = x["q"].shape[1], x["k"].shape[1]
+    visible = mask
+    if key_lengths is not None:
+        pad = np.asarray(padding_mask(jnp.asarray(key_lengths), S))
+        visible = pad if mask is None else np.asarray(mask) & pad
+    tables = x["rel_k"] is not None or x["rel_v"] is not None
+
+    def run_fused(**a):
+        return fused.fused_attention(**a, max_distance=K, q_offset=q_offset, is_causal=is_causal,
+                                     mask=None if mask is None else jnp.asarray(mask),
+                                     key_lengths=key_lengths, **fused_kw)
+
+    def run_einsum(**a):
+        shaw = dict(max_distance=K, q_offset=q_offset) if tables else {}
+        return relative_attention(**a, **shaw, is_causal=is_causal, implementation=_einsum_impl(),
+                                  mask=None if visible is None else jnp.asarray(visible))
+
+    out, grads = _value_and_grads(run_fused, x, dt)
+    x64 = _rounded(x, dt)
+    ref, ref_grads = _value_and_grads(run_einsum, x64, jnp.float64)
+    off = S - T if q_offset is None else int(q_offset)
+    ids = oracle.shaw_ids(T, S, K, off) if tables else None
+    want = oracle.relative_attention(x64["q"], x64["k"], x64["v"], x64["rel_k"], x64["rel_v"], rel_ids=ids,
+                                     mask=visible, is_causal=is_causal)
+    assert_close(ref, want, 1e-12)  # the reference itself
+    assert_close(out, want, TOL[dtype])
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)), name
+        assert_close(g, ref_grads[name], TOL[dtype])
+    return out, grads
+
+
+# (T, S, H, K, q_offset, causal, shared, keys, values)
+CASES = [
+    (40, 53, 32, 3, None, False, True, True, True),  # T != S, ragged tiles, shared tables
+    (53, 40, 64, 20, None, True, False, True, True),  # K > tile, per-head, causal with S < T (empty rows)
+    (48, 48, 128, 2, 0, True, True, True, False),  # prefill T = S, keys only, H = 128
+    (40, 53, 32, 4, 7, False, False, False, True),  # values only, q_offset given
+    (45, 61, 32, 0, None, False, True, True, True),  # K = 0: one relation id
+    (37, 66, 32, 6, -5, True, False, True, True),  # negative q_offset (queries before the keys)
+]
+
+
+@pytest.mark.parametrize("T, S, H, K, q_offset, causal, shared, keys, values", CASES)
+def test_parity(T, S, H, K, q_offset, causal, shared, keys, values):
+    x = _inputs(T * S + K, T, S, H, K, shared, keys, values)
+    _check(x, K, q_offset=q_offset, is_causal=causal, interpret=True)
+
+
+def test_no_tables_and_square_mask_via_env_switch(monkeypatch):
+    """Neither table: plain attention; a [1, 1, T, S] mask; interpret=None reads the env switch."""
+    monkeypatch.setenv(fused.INTERPRET_ENV, "1")
+    x = _inputs(1, 41, 50, 32, 3, keys=False, values=False)
+    mask = np.random.default_rng(2).random((1, 1, 41, 50)) < 0.7
+    _check(x, 3, mask=mask)
+
+
+@pytest.mark.parametrize("form", ["mask", "key_lengths"])
+def test_key_padding(form):
+    """Padded keys as a [B, 1, 1, S] mask or as key_lengths (the kernel skips the padded key tiles)."""
+    x = _inputs(3, 44, 57, 32, 5, shared=False)
+    lengths = np.array([57, 19], np.int32)
+    if form == "mask":
+        _check(x, 5, mask=np.arange(57)[None, None, None, :] < lengths[:, None, None, None], interpret=True)
+    else:
+        _check(x, 5, key_lengths=jnp.asarray(lengths), is_causal=True, interpret=True)
+
+
+def test_general_mask_with_empty_rows():
+    """A [B, N, T, S] mask with rows that see no key: those rows are exactly 0 with zero gradients."""
+    x = _inputs(4, 43, 52, 32, 4)
+    mask = np.random.default_rng(5).random((B, N, 43, 52)) < 0.6
+    mask[0, 1, 5] = False
+    mask[1, :, 30:34] = False
+    out, grads = _check(x, 4, mask=mask, interpret=True)
+    assert np.all(out[0, 5, 1] == 0.0) and np.all(out[1, 30:34] == 0.0)
+    assert np.all(grads["q"][0, 5, 1] == 0.0) and np.all(grads["q"][1, 30:34] == 0.0)
+
+
+def test_causal_rows_before_the_keys_are_zero():
+    """Causal with S < T: the first T - S queries see no key; exact zeros, finite gradients."""
+    x = _inputs(6, 50, 34, 32, 2)
+    out, grads = _check(x, 2, is_causal=True, interpret=True)
+    assert np.all(out[:, :16] == 0.0) and np.all(grads["q"][:, :16] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision(dtype):
+    x = _inputs(7, 40, 51, 64, 9, shared=False)
+    mask = np.arange(51)[None, None, None, :] < np.array([51, 30])[:, None, None, None]
+    out, _ = _check(x, 9, dtype=dtype, is_causal=True, mask=mask, interpret=True)
+    assert np.isfinite(out).all()
+
+
+def test_q_offset_as_array():
+    x = _inputs(8, 40, 53, 32, 3)
+    _check(x, 3, q_offset=jnp.asarray(11, jnp.int32), interpret=True)
+
+
+def _cache_step(x, K, length, decode):
+    """A KV cache of S slots holding ``length`` keys: prefill (T = S queries, causal) or decode
+    (T = 1, the query at position length - 1); q_offset is traced under jit."""
+    S = x["k"].shape[1]
+    arrays = [jnp.asarray(x[n], jnp.float32) for n in ARGS]
+
+    def step(off, lengths, *a):
+        kw = dict(max_distance=K, q_offset=off, is_causal=not decode, key_lengths=lengths, interpret=True)
+        return fused.fused_attention(*a, **kw)
+
+    lengths = jnp.full((B,), length, jnp.int32)
+    off = jnp.asarray(length - 1 if decode else 0, jnp.int32)
+    out = _compile(jax.jit(step), off, lengths, *arrays)(off, lengths, *arrays)
+    T = x["q"].shape[1]
+    ids = oracle.shaw_ids(T, S, K, int(off))
+    keep = np.arange(S)[None, None, None, :] < length
+    want = oracle.relative_attention(*(x[n] for n in ARGS), rel_ids=ids, mask=keep, is_causal=not decode)
+    assert_close(np.asarray(out, np.float64), want, TOL["float32"])
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_traced_q_offset_kv_cache(decode):
+    rng = np.random.default_rng(9)
+    T, S = (1, 50) if decode else (50, 50)
+    x = {"q": rng.normal(size=(B, T, N, 32)), "k": rng.normal(size=(B, S, N, 32)),
+         "v": rng.normal(size=(B, S, N, 32)), "rel_k": rng.normal(size=(9, 32)), "rel_v": rng.normal(size=(9, N, 32))}
+    _cache_step(x, 4, 37 if decode else S, decode)
+
+
+def test_invariants():
+    """Bucket masses sum to 1 per row (with A^V = all ones the value term of row i is sum_r C_ir), and
+    the bucket sums of ds sum to 0 per row (so the key table's gradient sums to 0 over r)."""
+    x = _inputs(10, 42, 55, 32, 5, shared=True)
+    x["rel_v"] = np.ones_like(x["rel_v"])
+    mask = np.random.default_rng(3).random((B, 1, 42, 55)) < 0.5
+    mask[1, 0, 7] = False
+    out, grads = _value_and_grads(
+        lambda **a: fused.fused_attention(**a, max_distance=5, mask=jnp.asarray(mask), interpret=True),
+        x, jnp.float32)
+    no_values = dict(x, rel_v=None)
+    plain, _ = _value_and_grads(lambda **a: relative_attention(**a, max_distance=5, mask=jnp.asarray(mask),
+                                                               implementation=_einsum_impl()), no_values, jnp.float64)
+    sees = np.broadcast_to(mask.any(-1)[:, 0, :, None, None], out.shape)
+    assert np.abs((out - plain) - np.where(sees, 1.0, 0.0)).max() < 1e-5
+    g = grads["rel_k"]
+    assert np.abs(g.sum(0)).max() <= 1e-5 * np.abs(g).max()
+
+
+def test_gradients_match_oracle_finite_differences():
+    """Directional derivatives of the kernel's loss equal central differences of the float64 oracle."""
+    x = _inputs(11, 35, 39, 32, 3, shared=False)
+    _, grads = _value_and_grads(lambda **a: fused.fused_attention(**a, max_distance=3, is_causal=True,
+                                                                  interpret=True), x, jnp.float32)
+    ids = oracle.shaw_ids(35, 39, 3, 4)
+    loss = lambda a: float(np.sum(oracle.relative_attention(*(a[n] for n in ARGS), rel_ids=ids, is_causal=True)
+                                  * x["cot"]))
+    rng, eps = np.random.default_rng(12), 1e-5
+    for name in ARGS:
+        d = rng.normal(size=x[name].shape)
+        plus, minus = dict(x), dict(x)
+        plus[name], minus[name] = x[name] + eps * d, x[name] - eps * d
+        fd = (loss(plus) - loss(minus)) / (2 * eps)
+        assert abs(float(np.sum(grads[name] * d)) - fd) <= 2e-5 * max(1.0, abs(fd)), name
+
+
+@pytest.mark.parametrize("bug", ["band_edge", "dropped_bucket"])
+def test_planted_bug_is_caught(monkeypatch, bug):
+    monkeypatch.setattr(fused, "_PLANTED_BUG", bug)
+    x = _inputs(13, 40, 45, 32, 3)
+    with pytest.raises(AssertionError):
+        _check(x, 3, interpret=True)
+
+
+# --- lowering for the real targets, without a device ---------------------------------------------
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _export(platform, dtype, grad, monkeypatch):
+    """jax.export of the fused forward (or the gradient of a loss) for ``platform``; returns the module text."""
+    monkeypatch.delenv(fused.INTERPRET_ENV, raising=False)
+    monkeypatch.setattr(fused, "_platform", lambda q=None: "gpu" if platform == "cuda" else platform)
+    Bx, T, S, Nx, H, K = 2, 128, 192, 4, 64, 8
+    sd = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
+    args = (sd(Bx, T, Nx, H), sd(Bx, S, Nx, H), sd(Bx, S, Nx, H), sd(2 * K + 1, H), sd(2 * K + 1, Nx, H),
+            sd(Bx, 1, T, S, dt=jnp.bool_), sd(dt=jnp.int32), sd(Bx, dt=jnp.int32))
+
+    def f(q, k, v, rk, rv, mask, off, lengths):
+        return fused.fused_attention(q, k, v, rk, rv, max_distance=K, q_offset=off, is_causal=True, mask=mask,
+                                     key_lengths=lengths)
+
+    def g(q, k, v, rk, rv, *rest):
+        return jax.grad(lambda *a: f(*a, *rest).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))(q, k, v, rk, rv)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
+    exported = jax.export.export(jax.jit(g if grad else f), platforms=[platform], disabled_checks=checks)(*args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_lowers_for_cuda_triton(monkeypatch, dtype, grad):
+    text = _export("cuda", jnp.dtype(dtype), grad, monkeypatch)
+    assert text.count(TRITON_CALL) == (3 if grad else 1)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_lowers_for_tpu_mosaic(monkeypatch, grad):
+    text = _export("tpu", jnp.dtype("float32"), grad, monkeypatch)
+    assert text.count("tpu_custom_call") == (3 if grad else 1)
+
+
+def test_a_gather_in_the_kernel_fails_to_lower(monkeypatch):
+    """The lowering tests catch the classic mistake: a value gather (take_along_axis) in a kernel."""
+    monkeypatch.setattr(fused, "_PLANTED_BUG", "gather")
+    with pytest.raises(NotImplementedError, match="gather"):
+        _export("cuda", jnp.dtype("float32"), False, monkeypatch)
+
+
+# --- availability and argument errors -------------------------------------------------------------
+
+def test_unavailable_on_cpu(monkeypatch):
+    monkeypatch.delenv(fused.INTERPRET_ENV, raising=False)
+    q = jnp.zeros((1, 4, 1, 16), jnp.float32)
+    if jax.default_backend() == "cpu":
+        reason = fused.unavailable(q)
+        assert isinstance(reason, str) and fused.INTERPRET_ENV in reason
+        with pytest.raises(RuntimeError, match="GPU or TPU"):
+            fused.fused_attention(q, q, q, max_distance=1)
+    monkeypatch.setenv(fused.INTERPRET_ENV, "1")
+    assert fused.unavailable(q) is None
+
+
+def _small(dtype=jnp.float32, T=5, S=6, H=16):
+    return jnp.zeros((B, T, N, H), dtype), jnp.zeros((B, S, N, H), dtype), jnp.zeros((B, S, N, H), dtype)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(dtype=jnp.float64), TypeError, "q must be float32, float16 or bfloat16"),
+    (dict(rel_k=jnp.zeros((4, 16), jnp.float32)), ValueError, "rel_k must have R = 2 \\* max_distance \\+ 1 = 5 rows"),
+    (dict(rel_v=jnp.zeros((5, 2, 16), jnp.float32)), ValueError, "rel_v \\(relation table"),
+    (dict(rel_k=jnp.zeros((5, 16), jnp.float16)), TypeError, "rel_k must have the same dtype"),
+    (dict(mask=jnp.ones((B, N, 4, 6), bool)), ValueError, "mask must broadcast to \\[B, N, T, S\\]"),
+    (dict(mask=jnp.ones((1, 1, 5, 6), jnp.int32)), TypeError, "mask must be a bool array"),
+    (dict(key_lengths=jnp.ones((3,), jnp.int32)), ValueError, "key_lengths must be int \\[B\\]"),
+    (dict(key_lengths=jnp.ones((B,), jnp.float32)), TypeError, "key_lengths must be an integer array"),
+    (dict(q_offset=jnp.zeros((2,), jnp.int32)), TypeError, "q_offset must be an int or a 0-d integer array"),
+    (dict(max_distance=-1), ValueError, "max_distance must be a non-negative int"),
+])
+def test_argument_errors(kw, error, match):
+    q, k, v = _small(kw.pop("dtype", jnp.float32))
+    args = dict(max_distance=2, interpret=True) | kw
+    with pytest.raises(error, match=match):
+        fused.fused_attention(q, k, v, args.pop("rel_k", None), args.pop("rel_v", None), **args)
+
+
+def test_shape_errors_name_the_argument():
+    q, k, v = _small()
+    with pytest.raises(ValueError, match="k must be"):
+        fused.fused_attention(q, k[:, :, :2], v[:, :, :2], max_distance=1, interpret=True)
+
+
+# --- slow sweep -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(12))
+def test_random_sweep(seed):
+    rng = np.random.default_rng(100 + seed)
+    T, S = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+    H, K = int(rng.choice([16, 32, 48, 64])), int(rng.integers(0, 24))
+    x = _inputs(seed, T, S, H, K, shared=bool(rng.integers(2)), keys=bool(rng.integers(2)), values=True)
+    mask = rng.random((B, 1, T, S)) < 0.8 if rng.integers(2) else None
+    dtype = str(rng.choice(["float32", "float32", "bfloat16"]))
+    _check(x, K, dtype=dtype, is_causal=bool(rng.integers(2)), mask=mask, interpret=True)
