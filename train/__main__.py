@@ -35,24 +35,30 @@ def main(argv=None) -> None:
 
 
 def run_command(command: str, rest: list[str]) -> None:
-    """Parse the flags (bad values exit 2 naming the field) and run the command."""
+    """Parse the flags (bad values exit 2 naming the field, before any framework loads) and run."""
     from .config import parse_args
 
+    distributed = command == "jax" and "--distributed" in rest
+    rest = [a for a in rest if not (distributed and a == "--distributed")]
+    cfg = parse_args(rest, prog=f"python -m train {command}", defaults={"out_dir": f"runs/{command}"})
+    if command != "demo":
+        from .rundir import prepare
+
+        prepare(cfg, is_writer=False)  # the directory checks, before a framework loads (read-only)
     if command == "demo":
         from .demo import run_demo
 
-        run_demo(parse_args(rest, prog="python -m train demo", defaults={"out_dir": "runs/demo"}))
+        run_demo(cfg)
     elif command == "jax":
-        if "--distributed" in rest:
-            rest.remove("--distributed")
+        if distributed:
             init_distributed()
         from .jax_train import train
 
-        train(parse_args(rest, prog="python -m train jax", defaults={"out_dir": "runs/jax"}))
+        train(cfg)
     else:
         from .torch_train import train
 
-        train(parse_args(rest, prog="python -m train torch", defaults={"out_dir": "runs/torch"}))
+        train(cfg)
 
 
 def init_distributed() -> None:

@@ -237,6 +237,8 @@ def resume(trainer: Trainer, manager) -> int:
     """The step to start from: the newest valid checkpoint's, or 0 (``--allow-fresh``)."""
     step, reasons = trainer.restore(manager)
     if step is not None:
+        if jax.process_index() == 0:
+            rundir.write_config(trainer.cfg)  # the new --steps and logging fields
         return step
     rundir.nothing_to_resume(trainer.cfg, reasons, is_writer=jax.process_index() == 0)
     return 0
@@ -258,9 +260,10 @@ def train(cfg: TrainConfig, devices=None) -> dict:
             written before that are kept).
     """
     out = Path(cfg.out_dir)
-    trainer = Trainer(cfg, devices)
+    devices = select_devices(cfg.device) if devices is None else devices  # fails before out_dir is touched
     is_resume = rundir.prepare(cfg, is_writer=jax.process_index() == 0)
     _sync("relattn-train-prepare")
+    trainer = Trainer(cfg, devices)
     manager = trainer.checkpointer()
     start = resume(trainer, manager) if is_resume else 0
     log = MetricsLog(out / "metrics.jsonl", keep_until=start)

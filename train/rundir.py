@@ -42,8 +42,8 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
 
     Args:
         cfg: the ``TrainConfig`` of the run.
-        is_writer: False on the processes of a multi-process run that must not write
-            (they still run every check).
+        is_writer: False for the checks alone: on the processes of a multi-process run
+            that must not write, and for a check before the framework loads.
 
     Returns:
         True to resume from the directory's checkpoints, False to start from step 0.
@@ -59,9 +59,7 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
         saved = out / CONFIG
         if saved.exists():
             check_resume(read_config(saved), cfg)
-        if is_writer:
-            write_config(cfg)
-        return True
+        return True  # the trainer writes config.json once a checkpoint is restored
     if cfg.resume and not cfg.allow_fresh:
         raise RunError(f"--resume: there is no run in {out} (missing or empty directory); "
                        f"pass --allow-fresh to start a new run there from step 0")
@@ -70,9 +68,9 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
         raise RunError(f"out_dir {out} is not empty ({shown}): a fresh run never shares a directory with "
                        f"another run. Pass --resume to continue the run there, --overwrite to delete it, "
                        f"or choose another --out-dir")
-    if cfg.resume:
-        note(f"--resume --allow-fresh: nothing to resume in {out}, starting from step 0")
     if is_writer:
+        if cfg.resume:
+            note(f"--resume --allow-fresh: nothing to resume in {out}, starting from step 0")
         start_fresh(cfg)
     return False
 

@@ -246,6 +246,8 @@ def resume(trainer: Trainer) -> int:
     """The step to start from: the newest valid checkpoint's, or 0 (``--allow-fresh``)."""
     step, reasons = trainer.restore()
     if step is not None:
+        if trainer.rank == 0:
+            rundir.write_config(trainer.cfg)  # the new --steps and logging fields
         return step
     rundir.nothing_to_resume(trainer.cfg, reasons, is_writer=trainer.rank == 0)
     trainer.build()  # a checkpoint that failed its checks may have been loaded in part
@@ -260,8 +262,14 @@ def train(cfg: TrainConfig) -> dict:
             differ from the resumed run's, or the loss became non-finite (the checkpoints
             written before that are kept).
     """
+    select_device(cfg.device)  # an unavailable device fails before out_dir is touched
+    is_resume = rundir.prepare(cfg, is_writer=int(os.environ.get("RANK", "0")) == 0)  # RANK: set by torchrun
     trainer = Trainer(cfg)
-    start = _start_step(trainer)
+    if trainer.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has claimed or checked the directory
+    start = resume(trainer) if is_resume else 0
     out = Path(cfg.out_dir)
     log = MetricsLog(out / "metrics.jsonl", keep_until=start) if trainer.rank == 0 else None
     tokens_per_step = cfg.batch_size * tasks.seq_len(cfg.task, cfg.length)
@@ -293,16 +301,6 @@ def train(cfg: TrainConfig) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     return finish(trainer, last, out)
-
-
-def _start_step(trainer: Trainer) -> int:
-    """Claim or check the output directory (rank 0 writes), then restore when resuming."""
-    is_resume = rundir.prepare(trainer.cfg, is_writer=trainer.rank == 0)
-    if trainer.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return resume(trainer) if is_resume else 0
 
 
 def _nonfinite_message(trainer: Trainer, checked: int, done: int) -> str:
