@@ -75,11 +75,31 @@ def test_batches_are_a_function_of_seed_and_step():
         (dict(position="rope"), "position must be"),
         (dict(steps=0), "steps must be >= 1"),
         (dict(task="lag", length=2), "length must be >= 4"),
+        (dict(lr=float("nan")), "lr must be finite and > 0"),
+        (dict(b1=1.0), r"b1 must be in \[0, 1\)"),
+        (dict(weight_decay=float("inf")), "weight_decay must be finite"),
+        (dict(seed=-1), "seed must be in"),
+        (dict(eval_scales=(1, 0)), "eval_scales must be one or more integers >= 1"),
+        (dict(device="tpu"), "device must be auto, cpu, cuda or cuda:<index>"),
+        (dict(num_heads=3), "embed_dim must be divisible by num_heads"),
+        (dict(lr="0.1"), "lr must be float, got str"),
+        (dict(steps=2.0), "steps must be int, got float"),
+        (dict(resume=1), "resume must be bool"),
     ],
 )
 def test_config_errors_name_the_argument(kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         TrainConfig(**kw)
+
+
+def test_resume_may_change_only_steps_upward_and_logging():
+    from train.rundir import changed_fields
+
+    saved = json.loads(TrainConfig(steps=30).to_json())
+    assert changed_fields(saved, TrainConfig(steps=40, log_every=5, ckpt_every=7, progress=False, resume=True,
+                                             keep_checkpoints=9, device="cpu")) == []
+    assert changed_fields(saved, TrainConfig(steps=20, lr=0.1, embed_dim=32)) == [
+        "embed_dim: 64 -> 32", "lr: 0.003 -> 0.1", "steps: 30 -> 20 (steps may only grow)"]
 
 
 def test_cli_builds_the_config():
@@ -128,14 +148,20 @@ def test_torch_trainer_one_step(tmp_path, one_torch_thread):
     cfg = tiny(tmp_path, steps=1, log_every=1, precision="float32")
     summary = train(cfg)
     _check_run(tmp_path, summary, cfg.vocab_size)
-    assert (tmp_path / "checkpoints" / "torch_state.pt").exists()
+    assert (tmp_path / "checkpoints" / "step_00000001.pt").exists()
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(cfg.to_json())
 
 
-def test_torch_trainer_rejects_bfloat16(tmp_path):
-    from train.torch_train import build_model
+def test_resume_compares_the_checkpoint_config(tmp_path, one_torch_thread):
+    """Without config.json (a run from before it existed) the checkpoint's own config is compared."""
+    from train.rundir import RunError
+    from train.torch_train import train
 
-    with pytest.raises(ValueError, match="bfloat16"):
-        build_model(tiny(tmp_path, precision="bfloat16"))
+    cfg = tiny(tmp_path, steps=1, log_every=1, precision="float32")
+    train(cfg)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(RunError, match=r"weight_decay: 0.01 -> 0.5\. Only --steps"):
+        train(tiny(tmp_path, steps=1, log_every=1, precision="float32", weight_decay=0.5, resume=True))
 
 
 def test_torch_clipping_matches_optax_rule():
