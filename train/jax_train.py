@@ -111,6 +111,12 @@ def select_devices(spec: str) -> list:
         devices = jax.devices(platform)
     except RuntimeError as e:
         raise RunError(f"device {spec!r}: jax has no {platform} backend here ({e})") from e
+    if platform != jax.default_backend():
+        # relattn_jax's "auto" dispatch reads jax.default_backend() for traced arrays (relattn_jax/choice.py),
+        # so under nnx.jit it would pick the default backend's attention path for these devices.
+        raise RunError(f"device {spec!r}: jax's default backend is {jax.default_backend()!r}; set "
+                       f"JAX_PLATFORMS={platform} to train on {platform} (the attention dispatch follows "
+                       f"the default backend under jit)")
     if ":" in spec:
         i = int(spec.split(":")[1])
         if i >= len(devices):
