@@ -18,7 +18,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from relattn_jax import attention, fused, padding_mask, relative_attention  # noqa: E402
+from relattn_jax import attention, causal_mask, fused, padding_mask, relative_attention  # noqa: E402
 
 from . import oracle  # noqa: E402
 from .numerics import assert_close  # noqa: E402
@@ -195,33 +195,38 @@ def test_q_offset_as_array():
     _check(x, 3, q_offset=jnp.asarray(11, jnp.int32), interpret=True)
 
 
-def _cache_step(x, K, length, decode):
-    """A KV cache of S slots holding ``length`` keys: prefill (T = S queries, causal) or decode
-    (T = 1, the query at position length - 1); q_offset is traced under jit."""
+def _cache_step(x, K, length, form):
+    """One call on a KV cache of S slots as ``relattn_jax.cache`` makes it, with q_offset (the old
+    length) traced under jit. "prefill": T = S new positions into an empty cache, causal. "decode":
+    one query at position ``length``, the unwritten slots hidden by the cache's [T, S] mask
+    j <= i + q_offset built inside jit ("decode-mask") or by key_lengths = length + 1 ("decode-lengths")."""
     S = x["k"].shape[1]
     arrays = [jnp.asarray(x[n], jnp.float32) for n in ARGS]
 
-    def step(off, lengths, *a):
-        kw = dict(max_distance=K, q_offset=off, is_causal=not decode, key_lengths=lengths, interpret=True)
+    def step(off, *a):
+        kw = dict(max_distance=K, q_offset=off, is_causal=True, interpret=True)
+        if form == "decode-mask":
+            kw["mask"] = causal_mask(1, S, q_offset=off)  # [1, S]
+        elif form == "decode-lengths":
+            kw["key_lengths"] = jnp.full((B,), off + 1, jnp.int32)
         return fused.fused_attention(*a, **kw)
 
-    lengths = jnp.full((B,), length, jnp.int32)
-    off = jnp.asarray(length - 1 if decode else 0, jnp.int32)
-    out = _compile(jax.jit(step), off, lengths, *arrays)(off, lengths, *arrays)
+    off = jnp.asarray(0 if form == "prefill" else length, jnp.int32)
+    out = _compile(jax.jit(step), off, *arrays)(off, *arrays)
     T = x["q"].shape[1]
     ids = oracle.shaw_ids(T, S, K, int(off))
-    keep = np.arange(S)[None, None, None, :] < length
-    want = oracle.relative_attention(*(x[n] for n in ARGS), rel_ids=ids, mask=keep, is_causal=not decode)
+    keep = np.arange(S)[None, :] <= np.arange(T)[:, None] + int(off)  # [T, S]
+    want = oracle.relative_attention(*(x[n] for n in ARGS), rel_ids=ids, mask=keep, is_causal=True)
     assert_close(np.asarray(out, np.float64), want, TOL["float32"])
 
 
-@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
-def test_traced_q_offset_kv_cache(decode):
+@pytest.mark.parametrize("form", ["prefill", "decode-mask", "decode-lengths"])
+def test_traced_q_offset_kv_cache(form):
     rng = np.random.default_rng(9)
-    T, S = (1, 50) if decode else (50, 50)
+    T, S = (50, 50) if form == "prefill" else (1, 50)
     x = {"q": rng.normal(size=(B, T, N, 32)), "k": rng.normal(size=(B, S, N, 32)),
          "v": rng.normal(size=(B, S, N, 32)), "rel_k": rng.normal(size=(9, 32)), "rel_v": rng.normal(size=(9, N, 32))}
-    _cache_step(x, 4, 37 if decode else S, decode)
+    _cache_step(x, 4, 37, form)
 
 
 def test_invariants():

@@ -1,9 +1,9 @@
-"""The Pallas kernel bodies and their ``pallas_call`` launches for ``fused.py`` (JAX only).
+"""The Pallas kernel bodies and their ``pallas_call`` launches for ``fused.py`` (JAX).
 
-The torch twin has no such module: a Triton kernel is one ``@triton.jit`` function launched with a
-grid, so ``relattn_torch/fused.py`` holds kernels and launches together. Pallas adds a block spec per
-operand and per backend (the Triton backend on GPU, Mosaic on TPU), which would push ``fused.py``
-past the house limit of ~400 lines; the public function, checks and custom VJP stay there.
+Twin of ``relattn_torch/_fused_kernels.py`` (the Triton kernels); both packages keep the public
+function, checks and gradient wiring in ``fused.py`` and the kernels here. This one also holds the
+launches: Pallas needs a block spec per operand and per backend (the Triton backend on GPU, Mosaic on
+TPU, the interpreter), and with them ``fused.py`` would pass the house limit of ~400 lines.
 
 Dimension legend as in ``attention.py``: B T S N H R. Every array here is in the kernel layout
 [B, N, T, H] / [B, N, S, H] with T, S padded to whole tiles and H, R padded to powers of two.
@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 
 # Masked logits inside a tile: finite, and far below any real logit (as in jax's Pallas attention).
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
+_NUM_STAGES = 2  # Triton software-pipelining stages of the tile loops (as in jax's Pallas attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +307,7 @@ def _call(cfg, kernel, grid, in_specs, out_specs, out_shape, name):
     else:
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=2)
+        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=_NUM_STAGES)
     return pl.pallas_call(partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, compiler_params=params,
                           interpret=cfg.platform == "interpret", name=name)

@@ -38,6 +38,7 @@ _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 _MIN_DIM = 16  # Triton's dot needs every tile dim >= 16; H and R are padded to powers of two >= this
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TPU_TILE = 128  # lanes of a TPU vector register
+_WARPS_SMALL_H, _WARPS_LARGE_H = 4, 8  # Triton warps per program for H <= 64 and above (as jax's attention)
 _PLANTED_BUG = None  # test hook: "band_edge", "dropped_bucket" or "gather" plants a known bug in the kernels
 
 
@@ -144,7 +145,8 @@ def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
         mask_shape = (m[0], m[1], Tp if m[2] > 1 else 1, Sp if m[3] > 1 else 1)
     cfg = kernels.Config(T=d.T, S=d.S, K=K, scale=scale, causal=bool(causal), block_t=bt, block_s=bs,
                          keys=rel_k is not None, values=rel_v is not None, mask_shape=mask_shape,
-                         platform=platform, num_warps=4 if Hp <= 64 else 8, planted_bug=_PLANTED_BUG)
+                         platform=platform, num_warps=_WARPS_SMALL_H if Hp <= 64 else _WARPS_LARGE_H,
+                         planted_bug=_PLANTED_BUG)
     return cfg, (Tp, Sp, Hp, Rp)
 
 
