@@ -27,7 +27,7 @@ def main(argv=None):
         import torch
 
         import relattn_torch
-        import relattn_torch.shaw
+        from relattn_torch.einsum import AttentionArgs
 
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(B, S, N, H, generator=g, requires_grad=True) for _ in range(3))
@@ -35,12 +35,14 @@ def main(argv=None):
         out = relattn_torch.relative_attention(q, k, v, rk, rv, max_distance=K, is_causal=a.causal)
         out.sum().backward()
         finite = bool(torch.isfinite(q.grad).all())
-        path = "shaw" if relattn_torch.shaw.supports(S, S, 0, K, a.causal) else "blockwise"
+        args = AttentionArgs(rel_k=rk, rel_v=rv, is_causal=a.causal, max_distance=K)
+        path = relattn_torch.choose_implementation(q, k, v, args).name
     else:
         import jax
         import jax.numpy as jnp
 
         import relattn_jax
+        from relattn_jax.einsum import AttentionArgs
 
         ks = jax.random.split(jax.random.PRNGKey(0), 5)
         x = [jax.random.normal(ks[i], (B, S, N, H)) for i in range(3)]
@@ -50,7 +52,8 @@ def main(argv=None):
         grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(*x)
         jax.block_until_ready(grads)
         finite = bool(jnp.isfinite(grads[0]).all())
-        path = "blockwise" if B * N * S * S >= relattn_jax.attention.LONG_SEQUENCE_THRESHOLD else "shaw"
+        args = AttentionArgs(rel_k=x[3], rel_v=x[4], is_causal=a.causal, max_distance=K)
+        path = relattn_jax.choose_implementation(*x[:3], args).name
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(framework=a.framework, S=S, B=B, N=N, H=H, K=K, causal=a.causal, path=path,
                           seconds=round(time.perf_counter() - t, 1), peak_rss_gib=round(peak / 2**20, 2),

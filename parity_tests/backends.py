@@ -111,16 +111,21 @@ class JaxBackend:
 
     def params(self, module) -> dict:
         state = self.nnx.state(module, self.nnx.Param)
-        return {".".join(map(str, path)): np.asarray(v[...]) for path, v in _flat(self.nnx, state)}
+        return {param_name(path): np.asarray(v[...]) for path, v in _flat(self.nnx, state)}
 
     def set_params(self, module, params: dict):
         for path, var in _flat(self.nnx, self.nnx.state(module, self.nnx.Param)):
-            name = ".".join(map(str, path))
+            name = param_name(path)
             _owner(module, path)[...] = self.jnp.asarray(params[name], var[...].dtype)
 
     def call(self, module, *args, **kw):
         args = [self.array(a) if isinstance(a, np.ndarray) else a for a in args]
         return self.numpy(module(*args, **self._convert_kw(kw)))
+
+
+def param_name(path) -> str:
+    """The canonical parameter name of an nnx state path, as torch's ``named_parameters`` spells it."""
+    return ".".join(map(str, path))
 
 
 def _flat(nnx, state):

@@ -1,4 +1,4 @@
-"""Shared test setup: float64 everywhere, hypothesis profiles, the --slow flag."""
+"""Shared test setup: float64 everywhere, hypothesis profiles, the --slow flag, the ``bk`` fixture."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 except ImportError:
     pass
+
+
+@pytest.fixture(params=["torch", "jax"])
+def bk(request):
+    """Each backend in turn (``parity_tests/backends.py``); skipped where its framework is missing."""
+    from .backends import backend
+
+    return backend(request.param)
 
 
 def pytest_addoption(parser):

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from . import oracle
-from .backends import backend
+from .backends import backend, param_name
+from .numerics import allowed_error
 
 TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "bfloat16": 2e-2}
 OTHER = {"torch": "jax", "jax": "torch"}
@@ -87,7 +88,7 @@ def tolerance(dtype: str, scale: float) -> float:
     when the reference exceeds unit scale: parameter gradients sum over B * T
     positions, and bf16 outputs near 3 have a 1-ulp spacing of 2**-6 = 0.0156.
     """
-    return TOLERANCE[dtype] * max(1.0, scale)
+    return allowed_error(scale, TOLERANCE[dtype])
 
 
 def normalize(cfg: Config) -> Config:
@@ -123,7 +124,7 @@ def build(fw: str, cfg: Config, seed: int):
         shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
     else:
         m = b.nnx.eval_shape(lambda: b.module(*args, dtype=cfg.dtype, **kw))
-        paths = {".".join(map(str, p)): p for p, _ in b.nnx.to_flat_state(b.nnx.state(m, b.nnx.Param))}
+        paths = {param_name(p): p for p, _ in b.nnx.to_flat_state(b.nnx.state(m, b.nnx.Param))}
         shapes = {n: tuple(v.shape) for n, v in _jax_params(b, m).items()}
     params = {n: rng.normal(size=s) * (s[0] ** -0.5 if n.startswith("w_") else 0.5) for n, s in sorted(shapes.items())}
     if fw == "torch":
@@ -135,7 +136,7 @@ def build(fw: str, cfg: Config, seed: int):
 
 
 def _jax_params(b, m) -> dict:
-    return {".".join(map(str, p)): v for p, v in b.nnx.to_flat_state(b.nnx.state(m, b.nnx.Param))}
+    return {param_name(p): v for p, v in b.nnx.to_flat_state(b.nnx.state(m, b.nnx.Param))}
 
 
 def inputs(cfg: Config) -> tuple[dict, dict]:
@@ -205,7 +206,7 @@ def _run_jax(b, module, cfg, arrays, kw, cotangent, grads):
         return b.numpy(jax.jit(lambda *a: loss(*a)[1])(params, xs, arrays_kw)), {}, {}
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, out), (g_par, g_in) = step(params, xs, arrays_kw)
-    g_par = {".".join(map(str, p)): b.numpy(v[...]) for p, v in nnx.to_flat_state(g_par)}
+    g_par = {param_name(p): b.numpy(v[...]) for p, v in nnx.to_flat_state(g_par)}
     return b.numpy(out), {n: b.numpy(g) for n, g in g_in.items()}, g_par
 
 

@@ -11,8 +11,18 @@ def relative_error(got, ref) -> float:
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
 
 
+def allowed_error(ref, rel: float = 1e-12) -> float:
+    """The tolerance rule of the suite: a max abs error of rel * max(1, max |ref|).
+
+    Absolute up to unit scale, relative beyond it (one number per tensor, never elementwise).
+    ``ref`` is an array (empty: unit scale) or its max |entry| as a number.
+    """
+    scale = float(np.abs(np.asarray(ref, np.float64)).max()) if np.size(ref) else 1.0
+    return rel * max(1.0, scale)
+
+
 def assert_close(out, ref, rel=1e-12):
-    """Same shape and max abs error <= rel * max(1, max |ref|)."""
+    """Same shape and max abs error <= ``allowed_error(ref, rel)``."""
     err = np.abs(np.asarray(out, np.float64) - ref).max()
     assert out.shape == ref.shape
-    assert err <= rel * max(1.0, np.abs(ref).max()), f"max abs error {err:.3e}"
+    assert err <= allowed_error(ref, rel), f"max abs error {err:.3e}"

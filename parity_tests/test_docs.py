@@ -23,19 +23,6 @@ README_MAX_LINES = 200
 FRAMEWORKS = {"relattn_torch": "torch", "relattn_jax": "jax"}
 API_PAGES = {"relattn_torch": DOCS / "api" / "torch.md", "relattn_jax": DOCS / "api" / "jax.md"}
 
-# Public functions whose docstrings do not have Args: / Returns: sections yet. The docstrings
-# live in the package code, which this test does not own; remove a name once its docstring
-# is fixed (the test then passes as XPASS until it is removed).
-KNOWN_MISSING_SECTIONS = {
-    "save_weights",
-    "causal_mask",
-    "combine_masks",
-    "masked_softmax",
-    "padding_mask",
-    "relative_position_ids",
-}
-
-
 def _package(module_name: str):
     pytest.importorskip(FRAMEWORKS[module_name])
     return importlib.import_module(module_name)
@@ -72,15 +59,7 @@ def test_public_name_has_a_docstring(module_name, name):
     assert _own_docstring(obj, name).strip(), f"{module_name}.{name} has no docstring"
 
 
-def _function_cases():
-    for module_name, name in PUBLIC:
-        marks = []
-        if name in KNOWN_MISSING_SECTIONS:
-            marks.append(pytest.mark.xfail(reason="docstring lacks Args:/Returns: (package code)", strict=False))
-        yield pytest.param(module_name, name, marks=marks, id=f"{module_name}.{name}")
-
-
-@pytest.mark.parametrize(("module_name", "name"), list(_function_cases()))
+@pytest.mark.parametrize(("module_name", "name"), PUBLIC, ids=PUBLIC_IDS)
 def test_public_function_documents_args_and_returns(module_name, name):
     obj = getattr(_package(module_name), name)
     if not inspect.isfunction(obj):

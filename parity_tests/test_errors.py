@@ -8,11 +8,6 @@ import pytest
 from .backends import backend
 
 
-@pytest.fixture(params=["torch", "jax"])
-def bk(request):
-    return backend(request.param)
-
-
 B, T, S, N, H = 2, 3, 4, 2, 5
 
 

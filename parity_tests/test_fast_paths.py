@@ -1,25 +1,24 @@
 """The fast paths (``shaw``, ``blockwise``, ``auto``) against the float64 oracle and across frameworks.
 
 Outputs are compared with ``oracle.relative_attention``; gradients with the same framework's
-``reference`` path (itself checked against the oracle in test_core) and between frameworks.
+``einsum`` path (itself checked against the oracle in test_core) and between frameworks.
 Block sizes are lowered so that small inputs still cross several band / query blocks.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from . import oracle
 from .backends import backend
+from .numerics import allowed_error
 
 FRAMEWORKS = ["torch", "jax"]
 B, N, H = 2, 3, 4
 SCALE = 0.37
-
-
-def _tol(ref):
-    return 1e-12 * max(1.0, float(np.abs(ref).max()) if np.size(ref) else 1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +34,8 @@ def small_blocks(monkeypatch):
     import relattn_torch.blockwise
     import relattn_torch.shaw
 
-    monkeypatch.setattr(relattn_torch.shaw, "BAND_BLOCK", 3)
-    monkeypatch.setattr(relattn_torch.shaw, "CHUNK_ELEMENTS", 3 * B * N * H)
+    monkeypatch.setattr(relattn_torch.shaw, "_BAND_BLOCK", 3)
+    monkeypatch.setattr(relattn_torch.shaw, "_CHUNK_ELEMENTS", 3 * B * N * H)
     monkeypatch.setattr(relattn_torch.blockwise, "BLOCK_ROWS", 3)
     monkeypatch.setattr(relattn_jax.blockwise, "BLOCK_ROWS", 3)
     monkeypatch.setattr(relattn_jax.shaw, "_KEY_BLOCK", 3)
@@ -61,30 +60,60 @@ def _oracle_shaw(x, K, q_offset, T, S, **kw):
 
 def _check_path(be, x, cot, ref, impl, **kw):
     """``impl``'s output equals the oracle's ``ref``; its gradients (of sum(out * cot)) are finite and
-    equal the same framework's reference path's. Returns the output."""
+    equal the same framework's einsum path's. Returns the output."""
     out, grads = be.attention_grads(x, cot, implementation=impl, **kw)
-    assert np.abs(out - ref).max() <= _tol(ref)
-    _, ref_grads = be.attention_grads(x, cot, implementation="reference", **kw)
+    assert np.abs(out - ref).max() <= allowed_error(ref)
+    _, ref_grads = be.attention_grads(x, cot, implementation="einsum", **kw)
     assert set(grads) == set(ref_grads)
     for name, g in grads.items():
         assert np.all(np.isfinite(g)), name
-        assert np.abs(g - ref_grads[name]).max() <= _tol(ref_grads[name]), name
+        assert np.abs(g - ref_grads[name]).max() <= allowed_error(ref_grads[name]), name
     return out
 
 
-# (T, S, K, q_offset or None = S - T, causal, shared, keys, values)
+@dataclass(frozen=True)
+class ShawCase:
+    """One Shaw-form input: sizes, max_distance K, q_offset (None: S - T), causal, table forms."""
+
+    T: int
+    S: int
+    K: int
+    q_offset: int | None = None
+    causal: bool = False
+    shared: bool = True  # tables [R, H] shared by the heads, else [R, N, H]
+    keys: bool = True  # a key table
+    values: bool = True  # a value table
+
+    @property
+    def id(self) -> str:
+        """E.g. ``T7-S7-K2-causal-keys+values``; the offset when given, ``per-head`` tables."""
+        parts = [f"T{self.T}", f"S{self.S}", f"K{self.K}"]
+        parts += [] if self.q_offset is None else [f"off{self.q_offset}"]
+        parts += ["causal"] if self.causal else []
+        parts += [] if self.shared else ["per-head"]
+        parts.append("+".join(n for n, on in (("keys", self.keys), ("values", self.values)) if on))
+        return "-".join(parts)
+
+    @property
+    def offset(self) -> int:
+        return self.S - self.T if self.q_offset is None else self.q_offset
+
+    def inputs(self, seed):
+        return _shaw_inputs(seed, self.T, self.S, self.K, self.shared, self.keys, self.values)
+
+
 SHAW_CASES = [
-    (7, 7, 2, None, False, True, True, True),
-    (7, 7, 2, None, True, False, True, True),
-    (5, 9, 3, None, True, True, True, True),  # T != S, queries at the end (cache layout)
-    (9, 5, 2, 0, False, True, True, False),  # keys only
-    (6, 6, 1, 0, False, False, False, True),  # values only, per-head tables
-    (1, 6, 2, None, True, True, True, True),  # T = 1 (one decode step)
-    (6, 1, 2, 0, False, True, True, True),  # S = 1
-    (5, 5, 8, 0, False, False, True, True),  # max_distance >= sequence length: all band
-    (5, 5, 0, 0, False, True, True, True),  # max_distance = 0: one shared row
-    (4, 7, 2, -3, False, True, True, True),  # negative offset
-    (7, 4, 2, 5, True, True, True, True),  # causal with T > S: first rows see no key
+    ShawCase(7, 7, 2),
+    ShawCase(7, 7, 2, causal=True, shared=False),
+    ShawCase(5, 9, 3, causal=True),  # T != S, queries at the end (cache layout)
+    ShawCase(9, 5, 2, 0, values=False),  # keys only
+    ShawCase(6, 6, 1, 0, shared=False, keys=False),  # values only, per-head tables
+    ShawCase(1, 6, 2, causal=True),  # T = 1 (one decode step)
+    ShawCase(6, 1, 2, 0),  # S = 1
+    ShawCase(5, 5, 8, 0, shared=False),  # max_distance >= sequence length: all band
+    ShawCase(5, 5, 0, 0),  # max_distance = 0: one shared row
+    ShawCase(4, 7, 2, -3),  # negative offset
+    ShawCase(7, 4, 2, 5, causal=True),  # causal with T > S: first rows see no key
 ]
 
 
@@ -95,35 +124,28 @@ def _shaw_grid():
             for impl in ("shaw", "blockwise", "auto"):
                 quick = impl == "shaw" or (fw == "torch" and impl == "auto") or i in (1, 2, 10)
                 marks = () if quick else (pytest.mark.slow,)
-                yield pytest.param(fw, impl, case, marks=marks, id="{}-{}-".format(fw, impl) + _case_id(case))
-
-
-def _case_id(c):
-    return "T{}S{}K{}o{}c{}sh{}k{}v{}".format(*c)
+                yield pytest.param(fw, impl, case, marks=marks, id=f"{fw}-{impl}-{case.id}")
 
 
 @pytest.mark.parametrize("fw, impl, case", list(_shaw_grid()))
-def test_shaw_paths_match_oracle_and_reference_grads(fw, impl, case):
-    T, S, K, off, causal, shared, keys, values = case
+def test_shaw_paths_match_oracle_and_einsum_grads(fw, impl, case):
     be = backend(fw)
-    x = _shaw_inputs(7, T, S, K, shared, keys, values)
-    q_offset = S - T if off is None else off
-    ref = _oracle_shaw(x, K, q_offset, T, S, is_causal=causal)
-    kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE)
+    x = case.inputs(7)
+    ref = _oracle_shaw(x, case.K, case.offset, case.T, case.S, is_causal=case.causal)
+    kw = dict(max_distance=case.K, q_offset=case.q_offset, is_causal=case.causal, scale=SCALE)
     _check_path(be, x, np.random.default_rng(1).normal(size=ref.shape), ref, impl, **kw)
 
 
-@pytest.mark.parametrize("case", [SHAW_CASES[i] for i in (1, 3, 5)], ids=_case_id)
+@pytest.mark.parametrize("case", [SHAW_CASES[i] for i in (1, 3, 5)], ids=lambda c: c.id)
 def test_shaw_path_same_in_both_frameworks(case):
-    T, S, K, off, causal, shared, keys, values = case
-    x = _shaw_inputs(11, T, S, K, shared, keys, values)
-    kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE, implementation="shaw")
-    cot = np.random.default_rng(2).normal(size=(B, T, N, H))
+    x = case.inputs(11)
+    kw = dict(max_distance=case.K, q_offset=case.q_offset, is_causal=case.causal, scale=SCALE, implementation="shaw")
+    cot = np.random.default_rng(2).normal(size=(B, case.T, N, H))
     out_t, g_t = backend("torch").attention_grads(x, cot, **kw)
     out_j, g_j = backend("jax").attention_grads(x, cot, **kw)
-    assert np.abs(out_t - out_j).max() <= _tol(out_t)
+    assert np.abs(out_t - out_j).max() <= allowed_error(out_t)
     for name in g_t:
-        assert np.abs(g_t[name] - g_j[name]).max() <= _tol(g_t[name]), name
+        assert np.abs(g_t[name] - g_j[name]).max() <= allowed_error(g_t[name]), name
 
 
 def _masks():
@@ -179,7 +201,8 @@ def _form_grid():
         for causal in (False, True):
             for fw in FRAMEWORKS:
                 quick = fw == "torch" or (form, causal) in (("table", True), ("dense", False))
-                yield pytest.param(fw, form, causal, marks=() if quick else (pytest.mark.slow,), id=f"{fw}-{form}-{causal}")
+                name = f"{fw}-{form}" + ("-causal" if causal else "")
+            yield pytest.param(fw, form, causal, marks=() if quick else (pytest.mark.slow,), id=name)
 
 
 @pytest.mark.parametrize("fw, form, causal", list(_form_grid()))
@@ -195,7 +218,7 @@ def test_blockwise_tables_and_dense_edges(fw, form, causal):
 @pytest.mark.parametrize("fw", FRAMEWORKS)
 def test_auto_switches_to_blockwise_above_threshold(fw, monkeypatch):
     be = backend(fw)
-    attention = be.lib.attention
+    attention = be.lib.attention  # relative_attention looks its paths up here at call time
     calls = []
     real = attention.blockwise_attention
 
@@ -207,11 +230,11 @@ def test_auto_switches_to_blockwise_above_threshold(fw, monkeypatch):
     x, kw = _table_and_dense_inputs("table")
     ref = oracle.relative_attention(x["q"], x["k"], x["v"], x["rel_k"], x["rel_v"], scale=SCALE, **kw)
     be.attention(x, scale=SCALE, **kw)
-    assert calls == []  # below the threshold: the reference path
-    monkeypatch.setattr(attention, "LONG_SEQUENCE_THRESHOLD", B * N * 7 * 5)
+    assert calls == []  # below the threshold: the einsum path
+    monkeypatch.setattr(be.lib.choice, "LONG_SEQUENCE_THRESHOLD", B * N * 7 * 5)
     out = be.attention(x, scale=SCALE, **kw)
     assert len(calls) == 1
-    assert np.abs(out - ref).max() <= _tol(ref)
+    assert np.abs(out - ref).max() <= allowed_error(ref)
 
 
 def test_torch_auto_picks_banded_shaw_path(monkeypatch):
@@ -237,7 +260,7 @@ def test_module_matches_oracle_on_fast_path(fw):
     for causal in (False, True):
         ref = oracle.multi_head_attention(params, x, max_distance=2, is_causal=causal)
         out = be.call(m, x, is_causal=causal)
-        assert np.abs(out - ref).max() <= _tol(ref)
+        assert np.abs(out - ref).max() <= allowed_error(ref)
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
@@ -267,45 +290,43 @@ def test_torch_shaw_rejects_unsupported_causal_offset():
         be.attention(x, max_distance=1, q_offset=-3, is_causal=True, implementation="shaw")
     ref = _oracle_shaw(x, 1, -3, 4, 4, is_causal=True)  # 'auto' falls back and stays exact
     out = be.attention(x, max_distance=1, q_offset=-3, is_causal=True, scale=SCALE)
-    assert np.abs(out - ref).max() <= _tol(ref)
+    assert np.abs(out - ref).max() <= allowed_error(ref)
 
 
-# (T, S, K, q_offset or None = S - T, causal): longer than a chunk, so the tails are cut into several
-# chunks, the backward tiles their rectangles, and the right tail's reversed triangles sit at chunk edges
+# Longer than a chunk, so the tails are cut into several chunks, the backward tiles their
+# rectangles, and the right tail's reversed triangles sit at chunk edges.
 CHUNKED_SHAW_CASES = [
-    (13, 13, 1, None, False),
-    (13, 13, 2, None, True),
-    (11, 16, 2, None, True),  # T != S, queries at the end
-    (16, 9, 3, 2, False),
-    (14, 14, 0, 0, False),  # no band: both tails use table row 0
-    (12, 12, 4, -5, False),  # negative offset
-    (10, 6, 1, 8, True),  # causal with T > S: the first rows see no key
+    ShawCase(13, 13, 1),
+    ShawCase(13, 13, 2, causal=True),
+    ShawCase(11, 16, 2, causal=True),  # T != S, queries at the end
+    ShawCase(16, 9, 3, 2),
+    ShawCase(14, 14, 0, 0),  # no band: both tails use table row 0
+    ShawCase(12, 12, 4, -5),  # negative offset
+    ShawCase(10, 6, 1, 8, causal=True),  # causal with T > S: the first rows see no key
 ]
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7])
-@pytest.mark.parametrize("case", CHUNKED_SHAW_CASES, ids=lambda c: "T{}S{}K{}o{}c{}".format(*c))
+@pytest.mark.parametrize("case", CHUNKED_SHAW_CASES, ids=lambda c: c.id)
 def test_torch_shaw_chunks_and_tiles(case, chunk_rows, monkeypatch):
-    """Chunk sizes of 1, 3 and 7 backward rows (band block 3 or 1) give the oracle's output, the reference grads."""
+    """Chunk sizes of 1, 3 and 7 backward rows (band block 3 or 1) give the oracle's output, the einsum grads."""
     import relattn_torch.shaw
 
-    T, S, K, off, causal = case
-    monkeypatch.setattr(relattn_torch.shaw, "CHUNK_ELEMENTS", chunk_rows * B * N * H)
-    monkeypatch.setattr(relattn_torch.shaw, "BAND_BLOCK", 1 if chunk_rows == 1 else 3)
+    monkeypatch.setattr(relattn_torch.shaw, "_CHUNK_ELEMENTS", chunk_rows * B * N * H)
+    monkeypatch.setattr(relattn_torch.shaw, "_BAND_BLOCK", 1 if chunk_rows == 1 else 3)
     be = backend("torch")
-    x = _shaw_inputs(13, T, S, K, shared=chunk_rows != 3)
-    q_offset = S - T if off is None else off
-    ref = _oracle_shaw(x, K, q_offset, T, S, is_causal=causal)
-    kw = dict(max_distance=K, q_offset=off, is_causal=causal, scale=SCALE)
+    x = _shaw_inputs(13, case.T, case.S, case.K, shared=chunk_rows != 3)
+    ref = _oracle_shaw(x, case.K, case.offset, case.T, case.S, is_causal=case.causal)
+    kw = dict(max_distance=case.K, q_offset=case.q_offset, is_causal=case.causal, scale=SCALE)
     _check_path(be, x, np.random.default_rng(5).normal(size=ref.shape), ref, "shaw", **kw)
 
 
 def test_torch_shaw_tail_calls_cover_each_tail_once():
     """Every (query, key) pair of a tail is in exactly one fused call, for every chunk and tile size."""
-    from relattn_torch.shaw import tail_calls
+    from relattn_torch._shaw_plan import tail_calls
 
-    for T, S, K, off, causal in CHUNKED_SHAW_CASES + [(c[0], c[1], c[2], c[3], c[4]) for c in SHAW_CASES]:
-        q_offset = S - T if off is None else off
+    for case in CHUNKED_SHAW_CASES + SHAW_CASES:
+        T, S, K, q_offset, causal = case.T, case.S, case.K, case.offset, case.causal
         d = np.arange(S)[None, :] - np.arange(T)[:, None] - q_offset
         visible = d <= S - T - q_offset if causal else np.ones((T, S), bool)
         want = {0: (visible & (d <= -K)).astype(int)}  # table row -> how often each pair is covered
@@ -330,8 +351,8 @@ def test_torch_shaw_tail_calls_cover_each_tail_once():
 @pytest.mark.parametrize("key_block", [2, 64])
 @pytest.mark.parametrize("T, S, K, off", [(7, 12, 2, None), (5, 12, 1, -4), (6, 12, 0, 3), (3, 12, 9, 1)])
 def test_jax_reduce_is_bucket_sums(T, S, K, off, key_block, monkeypatch):
-    """jax ``reduce`` (block sums + a window gather) equals a literal per-bucket sum, for key blocks of
-    2 (six blocks of S = 12) and 64 (one block); its adjoint ``expand`` is the literal lookup."""
+    """jax ``_reduce`` (block sums + a window gather) equals a literal per-bucket sum, for key blocks of
+    2 (six blocks of S = 12) and 64 (one block); its adjoint ``_expand`` is the literal lookup."""
     jax = pytest.importorskip("jax")
     import relattn_jax.shaw as shaw
 
@@ -342,16 +363,16 @@ def test_jax_reduce_is_bucket_sums(T, S, K, off, key_block, monkeypatch):
     want = np.zeros((B, N, T, 2 * K + 1))
     for r in range(2 * K + 1):
         want[..., r] = np.where(ids == r, y, 0).sum(-1)
-    got = np.asarray(shaw.reduce(jax.numpy.asarray(y), q_offset, K))  # float64 (conftest enables x64)
+    got = np.asarray(shaw._reduce(jax.numpy.asarray(y), q_offset, K))  # float64 (conftest enables x64)
     x = np.random.default_rng(6).normal(size=(B, N, T, 2 * K + 1))
-    expanded = np.asarray(shaw.expand(jax.numpy.asarray(x), q_offset, K, S))
+    expanded = np.asarray(shaw._expand(jax.numpy.asarray(x), q_offset, K, S))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(expanded, np.take_along_axis(x, np.broadcast_to(ids, (B, N, T, S)), -1))
 
 
 def test_jax_shaw_half_precision_and_second_order():
     """bfloat16 inputs keep their dtype and stay within bfloat16 error of float32 (output and grads);
-    grad of grad through the Shaw path's custom VJP equals the reference path's in float64."""
+    grad of grad through the Shaw path's custom VJP equals the einsum path's in float64."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
@@ -372,11 +393,11 @@ def test_jax_shaw_half_precision_and_second_order():
     out32, g32 = jax.value_and_grad(loss("shaw", jnp.float32), argnums=range(5))(*args32)
     args16 = [a.astype(jnp.bfloat16) for a in args32]
     out16, g16 = jax.value_and_grad(loss("shaw", jnp.bfloat16), argnums=range(5))(*args16)
-    assert abs(float(out16) - float(out32)) <= 0.05 * max(1.0, abs(float(out32)))
+    assert abs(float(out16) - float(out32)) <= allowed_error(float(out32), 0.05)
     for name, a, b in zip(names, g16, g32):
         assert a.dtype == jnp.bfloat16, name
         err = float(jnp.abs(a.astype(jnp.float32) - b).max())
-        assert err <= 0.05 * max(1.0, float(jnp.abs(b).max())), (name, err)
+        assert err <= allowed_error(np.asarray(b), 0.05), (name, err)
 
     args64 = [jnp.asarray(x[n], jnp.float64) for n in names]
     direction = [jnp.asarray(np.random.default_rng(23).normal(size=a.shape)) for a in args64]
@@ -386,8 +407,8 @@ def test_jax_shaw_half_precision_and_second_order():
         inner = lambda *a: sum((gi * d).sum() for gi, d in zip(g(*a), direction))  # noqa: E731
         return jax.grad(inner, argnums=range(5))(*args64)
 
-    for name, a, b in zip(names, hvp("shaw"), hvp("reference")):
-        assert float(jnp.abs(a - b).max()) <= 1e-10 * max(1.0, float(jnp.abs(b).max())), name
+    for name, a, b in zip(names, hvp("shaw"), hvp("einsum")):
+        assert float(jnp.abs(a - b).max()) <= allowed_error(np.asarray(b), 1e-10), name
 
 
 @pytest.mark.parametrize("mode", ["fwd", pytest.param("fwdbwd", marks=pytest.mark.slow)])
@@ -400,8 +421,8 @@ def test_torch_compile_of_chunked_shaw_path(mode, monkeypatch):
     import relattn_torch.shaw
 
     b, n, h, T, K = 2, 2, 8, 16, 2
-    monkeypatch.setattr(relattn_torch.shaw, "BAND_BLOCK", 4)
-    monkeypatch.setattr(relattn_torch.shaw, "CHUNK_ELEMENTS", 4 * b * n * h)
+    monkeypatch.setattr(relattn_torch.shaw, "_BAND_BLOCK", 4)
+    monkeypatch.setattr(relattn_torch.shaw, "_CHUNK_ELEMENTS", 4 * b * n * h)
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(b, T, n, h, generator=g, requires_grad=mode == "fwdbwd") for _ in range(3)]
     args += [torch.randn(2 * K + 1, h, generator=g, requires_grad=mode == "fwdbwd") for _ in range(2)]

@@ -14,6 +14,7 @@ from flax.nnx.nn.attention import dot_product_attention_weights  # noqa: E402
 import relattn_jax as rj  # noqa: E402
 import relattn_torch as rt  # noqa: E402
 
+from .backends import param_name  # noqa: E402
 from .numerics import relative_error  # noqa: E402
 
 # Max abs error / max |reference| allowed when matching the source module.
@@ -216,7 +217,7 @@ def test_linen_bridge_init_apply_jit_and_same_outputs(tmp_path):
     t = rt.RelativeMultiHeadAttention(8, 2, max_distance=3, dtype=torch.float32)
     rt.save_weights(t, tmp_path / "torch.safetensors")
     rj.load_weights(fresh, tmp_path / "torch.safetensors")
-    new_attn = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
+    new_attn = {param_name(p): v[...] for p, v in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
     variables = {"params": {**variables["params"], "attn": new_attn}}
     with torch.no_grad():
         ref = t(torch.from_numpy(np.array(h)), mask=torch.from_numpy(np.array(mask))).numpy()

@@ -10,11 +10,6 @@ from .backends import backend
 from .numerics import assert_close
 
 
-@pytest.fixture(params=["torch", "jax"])
-def bk(request):
-    return backend(request.param)
-
-
 def randomize(bk, module, seed=0):
     """Random unit-scale parameters (biases non-zero too), set by name; returns them."""
     rng = np.random.default_rng(seed)

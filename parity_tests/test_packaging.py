@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import subprocess
 import sys
@@ -54,17 +55,89 @@ def test_framework_free_modules_are_byte_identical_in_both_packages(name):
     assert (ROOT / "relattn_torch" / name).read_bytes() == (ROOT / "relattn_jax" / name).read_bytes()
 
 
-def test_twins_have_the_same_files_and_public_names():
-    torch_files = sorted(p.name for p in (ROOT / "relattn_torch").glob("*.py"))
-    jax_files = sorted(p.name for p in (ROOT / "relattn_jax").glob("*.py"))
-    assert torch_files == jax_files
+def _py_files(package: str) -> set[str]:
+    return {p.name for p in (ROOT / package).glob("*.py")}
+
+
+SHARED_FILES = sorted(_py_files("relattn_torch") & _py_files("relattn_jax"))
+ONE_SIDED_FILES = sorted(
+    [("relattn_torch", n) for n in _py_files("relattn_torch") - _py_files("relattn_jax")]
+    + [("relattn_jax", n) for n in _py_files("relattn_jax") - _py_files("relattn_torch")]
+)
+# Framework-specific importers are the one allowed difference in public names.
+ALLOWED_DIFFERENCES = {"interop.py": ({"from_torch_mha"}, {"from_nnx_mha"})}
+# Files whose algorithm differs from the twin's: both open with a "Why this twin differs" paragraph.
+DIFFERENT_ALGORITHMS = ["blockwise.py", "choice.py", "dense.py", "generate.py", "shaw.py"]
+# Being written at the same time by the fused-kernel work; their public names must still converge.
+IN_PROGRESS = {"fused.py", "_fused_kernels.py"}
+
+
+def _public_names(path: pathlib.Path) -> set[str]:
+    """Module-level names defined in the file (functions, classes, assignments) not starting with _."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {n for n in names if not n.startswith("_")}
+
+
+def _docstring(path: pathlib.Path) -> str:
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def test_public_names_helper_reads_definitions_only(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("import os\nfrom x import y\nA = 1\n_b = 2\ndef f(): pass\nclass C: pass\ndef _g(): pass\nz: int = 3\n")
+    assert _public_names(path) == {"A", "f", "C", "z"}
+
+
+def _twin_cases():
+    for name in SHARED_FILES:
+        marks = [pytest.mark.xfail(reason="fused kernels still being written", strict=False)] if name in IN_PROGRESS else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_twin_cases()))
+def test_same_named_files_define_the_same_public_names(name):
+    torch_names = _public_names(ROOT / "relattn_torch" / name)
+    jax_names = _public_names(ROOT / "relattn_jax" / name)
+    torch_only, jax_only = ALLOWED_DIFFERENCES.get(name, (set(), set()))
+    assert (torch_names - torch_only, jax_names - jax_only) == (torch_names & jax_names, torch_names & jax_names), (
+        f"{name}: only in relattn_torch {sorted(torch_names - jax_names - torch_only)}, "
+        f"only in relattn_jax {sorted(jax_names - torch_names - jax_only)}"
+    )
+
+
+def test_every_file_has_a_twin_or_says_why_not():
+    """Public modules come in pairs; a private module in one package only says in its docstring's
+    first lines why the other package has no twin of it."""
+    assert all(name.startswith("_") for _, name in ONE_SIDED_FILES), ONE_SIDED_FILES
+    for package, name in ONE_SIDED_FILES:
+        other = "relattn_jax" if package == "relattn_torch" else "relattn_torch"
+        first_lines = " ".join(_docstring(ROOT / package / name).split("\n\n")[:2])
+        assert other in first_lines and "no twin" in first_lines, (
+            f"{package}/{name} exists in one package only; its docstring's first lines must say why "
+            f"{other} has no twin of it"
+        )
+
+
+@pytest.mark.parametrize("name", DIFFERENT_ALGORITHMS)
+def test_files_that_differ_from_their_twin_say_why(name):
+    for package in ("relattn_torch", "relattn_jax"):
+        assert "Why this twin differs:" in _docstring(ROOT / package / name), f"{package}/{name}"
+
+
+def test_package_all_is_the_same_in_both_packages():
     pytest.importorskip("torch")
     pytest.importorskip("jax")
     import relattn_jax
     import relattn_torch
 
-    torch_only = {"from_torch_mha"}  # framework-specific importers are the one allowed difference
-    jax_only = {"from_nnx_mha"}
+    torch_only, jax_only = ALLOWED_DIFFERENCES["interop.py"]
     assert set(relattn_torch.__all__) - torch_only == set(relattn_jax.__all__) - jax_only
 
 
@@ -72,7 +145,7 @@ def test_einsum_strings_are_the_same_in_both_packages():
     import re
 
     pattern = re.compile(r'einsum\(\s*f?"([^"]+)"')
-    for name in ("attention.py", "modules.py"):
+    for name in ("einsum.py", "modules.py"):
         t = pattern.findall((ROOT / "relattn_torch" / name).read_text())
         j = pattern.findall((ROOT / "relattn_jax" / name).read_text())
         assert t and t == j, name

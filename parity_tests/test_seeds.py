@@ -8,13 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from . import seeds  # noqa: E402
-from .backends import backend  # noqa: E402
 from .numerics import assert_close  # noqa: E402
-
-
-@pytest.fixture(params=["torch", "jax"])
-def bk(request):
-    return backend(request.param)
 
 
 def test_seed1_answer_equals_relative_attention(bk):

@@ -18,16 +18,11 @@ import numpy as np
 
 from . import _spec
 from .blockwise import blockwise_attention
-from .dense import edge_key_term, edge_value_term
-from .masks import causal_mask, combine_masks
-from .positions import relative_position_ids
+from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
+from .einsum import AttentionArgs, einsum_attention, masked_softmax
 from .shaw import shaw_attention
 
-_LOW_PRECISION = (jnp.float16, jnp.bfloat16)
-IMPLEMENTATIONS = ("auto", "reference", "shaw", "blockwise")
-# "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
-# (2**27 float32 logits = 512 MiB per [B, N, T, S] array).
-LONG_SEQUENCE_THRESHOLD = 2**27
+__all__ = ["IMPLEMENTATIONS", "LONG_SEQUENCE_THRESHOLD", "masked_softmax", "relative_attention"]
 
 
 def relative_attention(
@@ -71,98 +66,36 @@ def relative_attention(
             ``relative_position_ids`` makes them. Excludes ``rel_ids``.
         q_offset: position of query 0 among the keys for those ids (int or traced
             int); default S - T. Only with ``max_distance``.
-        implementation: None or "auto" picks the fastest exact path for the inputs;
-            "reference" the einsum path written out here; "shaw" the Shaw path
-            (``shaw.py``: the clipped ids as one expand/reduce pair, no gather or
-            scatter; needs ``max_distance`` and no dropout); "blockwise" the
-            linear-memory query-blocked path (``blockwise.py``), which "auto" uses
-            once B * N * T * S reaches ``LONG_SEQUENCE_THRESHOLD``.
+        implementation: None or "auto" lets ``choose_implementation`` pick the path
+            from its rule table; a name forces one path: "einsum" (``einsum.py``: the
+            equations over [B, N, T, S] logits), "shaw" (``shaw.py``: the clipped ids as
+            one expand / reduce pair; ``max_distance``, no dropout) or "blockwise"
+            (``blockwise.py``: query blocks, memory linear in S). "reference" is a
+            deprecated alias of "einsum". The table is on the Implementations page of
+            the docs.
 
     Returns:
         [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
     """
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
     _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d)
+    if dropout_p > 0.0 and dropout_rng is None:
+        raise ValueError("dropout_rng must be a PRNG key when dropout_p > 0")
     if max_distance is not None and q_offset is None:
         q_offset = d.S - d.T  # the queries are the last T key positions
-    scale = d.H**-0.5 if scale is None else scale
-    impl = _choose(implementation, rel_ids, dropout_p, max_distance, d)
-    if impl == "shaw":
-        return shaw_attention(q, k, v, rel_k, rel_v, max_distance=max_distance, q_offset=q_offset,
-                              is_causal=is_causal, scale=scale, mask=mask)
-    if impl == "blockwise":
-        return blockwise_attention(q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
-                                   scale=scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
-                                   max_distance=max_distance, q_offset=q_offset)
-    if max_distance is not None:
-        rel_ids = relative_position_ids(d.T, d.S, max_distance, q_offset=q_offset)
-
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
-    if rel_k is not None:
-        logits = logits + _key_term(q, rel_k, rel_ids, d)
-    visible = combine_masks(mask, causal_mask(d.T, d.S) if is_causal else None)
-    probs = masked_softmax(logits, visible, scale)  # [B, N, T, S]
-    if dropout_p > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rng must be a PRNG key when dropout_p > 0")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_p, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_p), 0.0).astype(probs.dtype)
-
-    out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
-    if rel_v is not None:
-        out = out + _value_term(probs, rel_v, rel_ids, d)
-    return out
+    args = AttentionArgs(rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
+                         scale=d.H**-0.5 if scale is None else scale, dropout_p=dropout_p,
+                         max_distance=max_distance, q_offset=q_offset, dropout_rng=dropout_rng)
+    return _run(choose_implementation(q, k, v, args, implementation).name, q, k, v, args)
 
 
-def masked_softmax(logits: jax.Array, visible: jax.Array | None, scale: float) -> jax.Array:
-    """softmax(logits * scale) over the last axis, in float32 for half inputs.
-
-    Masked entries get the dtype's most negative finite value (no -inf, no -1e20
-    overflow in half precision); rows with no visible entry come out as zeros.
-    Returns the input dtype.
-    """
-    x = logits.astype(jnp.float32) if logits.dtype in _LOW_PRECISION else logits
-    x = x * scale
-    if visible is not None:
-        x = jnp.where(visible, x, jnp.finfo(x.dtype).min)
-    probs = jax.nn.softmax(x, axis=-1)
-    if visible is not None:
-        probs = jnp.where(visible, probs, 0.0)
-    return probs.astype(logits.dtype)
-
-
-def _key_term(q, rel_k, rel_ids, d) -> jax.Array:
-    """q_i . a^K_ij as [B, N, T, S]."""
-    if rel_ids is None:
-        letters, edges = _edges("rel_k", rel_k, d)
-        return edge_key_term(q, edges, letters)
-    layout = _spec.table_layout("rel_k", tuple(rel_k.shape), d)
-    q_rel = jnp.einsum(f"BTNH,{layout}->BNTR", q, rel_k)  # [B, N, T, R]
-    return jnp.take_along_axis(q_rel, _index(rel_ids, d), axis=-1)
-
-
-def _value_term(probs, rel_v, rel_ids, d) -> jax.Array:
-    """sum_j alpha_ij a^V_ij as [B, T, N, H]."""
-    if rel_ids is None:
-        letters, edges = _edges("rel_v", rel_v, d)
-        return edge_value_term(probs, edges, letters)
-    layout = _spec.table_layout("rel_v", tuple(rel_v.shape), d)
-    b, n, t = np.ogrid[: d.B, : d.N, : d.T]
-    buckets = jnp.zeros((d.B, d.N, d.T, rel_v.shape[0]), probs.dtype)  # [B, N, T, R]
-    buckets = buckets.at[b[..., None], n[..., None], t[..., None], _index(rel_ids, d)].add(probs)
-    return jnp.einsum(f"BNTR,{layout}->BTNH", buckets, rel_v)
-
-
-def _edges(name, edges, d):
-    """A dense edge tensor and its einsum letters; size-1 T/S dims are broadcast."""
-    letters, squeezed, target = _spec.dense_edge_layout(name, tuple(edges.shape), d)
-    return letters, jnp.broadcast_to(edges.reshape(squeezed), target)
-
-
-def _index(rel_ids, d) -> jax.Array:
-    """rel_ids [T, S] or [B, T, S] as an index [B, N, T, S]."""
-    ids = rel_ids.reshape(1, 1, d.T, d.S) if rel_ids.ndim == 2 else rel_ids.reshape(rel_ids.shape[0], 1, d.T, d.S)
-    return jnp.broadcast_to(ids, (d.B, d.N, d.T, d.S))
+def _run(name: str, q, k, v, args: AttentionArgs) -> jax.Array:
+    """The chosen path's pure function (looked up at call time, so tests can spy on it)."""
+    if name == "shaw":
+        return shaw_attention(q, k, v, args)
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, args)
+    return einsum_attention(q, k, v, args)
 
 
 def _shape(x):
@@ -194,18 +127,3 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
             raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
         _spec.check_mask_shape(tuple(mask.shape), d)
     return d
-
-
-def _choose(implementation, rel_ids, dropout_p, max_distance, d) -> str:
-    """The implementation to run: the named one, or for "auto" the fastest exact one."""
-    impl = "auto" if implementation is None else implementation
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    shaw_ok = max_distance is not None and dropout_p == 0.0
-    if impl == "shaw" and not shaw_ok:
-        raise ValueError("implementation='shaw' needs max_distance and dropout_p=0; use 'auto' to fall back")
-    if impl != "auto":
-        return impl
-    if d.B * d.N * d.T * d.S >= LONG_SEQUENCE_THRESHOLD:
-        return "blockwise"
-    return "shaw" if shaw_ok else "reference"

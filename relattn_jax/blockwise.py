@@ -2,76 +2,103 @@
 
 Dimension legend as in ``attention.py``: B T S N H R.
 
-The queries are cut into blocks of ``block`` rows (the last one zero-padded). ``lax.map`` runs
-one block at a time under ``jax.checkpoint``: each block computes its rows exactly as the
-``shaw`` / ``reference`` paths do (its slice of rel_ids / dense edges / mask, its own causal rows
+The queries are cut into blocks of ``BLOCK_ROWS`` rows (the last one zero-padded). ``lax.map``
+runs one block at a time under ``jax.checkpoint``: each block computes its rows exactly as the
+``shaw`` / ``einsum`` paths do (its slice of rel_ids / dense edges / mask, its own causal rows
 and Shaw offset), and the backward recomputes it, so only one block's [B, N, block, S] logits
 exist at a time: peak memory is O(B N block S + B (T + S) N H), linear in S for a fixed block.
+
+Why this twin differs: ``lax.map`` traces one block body, so every block must have the same
+shape: the rows are zero-padded to whole blocks and each block's rows are cut with
+``dynamic_slice``. In the Shaw form (without dropout) each block takes this package's Shaw
+path, which accepts the block's causal rows as a mask. The torch twin loops over blocks in
+Python, with a shorter last block, and every block takes the einsum path (its Shaw path
+takes no mask).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 
 from . import _spec
+from .einsum import AttentionArgs, einsum_attention
 from .masks import causal_mask, combine_masks
+from .shaw import shaw_attention
 
 BLOCK_ROWS = 256  # query rows per block: [B, N, 256, S] logits at a time
 
 
-def blockwise_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False,
-                        scale=None, dropout_p=0.0, dropout_rng=None, max_distance=None, q_offset=None,
-                        block: int | None = None):
-    """``relative_attention`` computed ``block`` query rows at a time; same arguments and result.
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
+    """The einsum (or Shaw) path computed ``BLOCK_ROWS`` query rows at a time, each block recomputed in the backward.
 
     Args:
-        q: [B, T, N, H]; k, v: [B, S, N, H]; rel_k, rel_v, rel_ids, mask, is_causal, scale,
-            dropout_p, dropout_rng, max_distance: as in ``relative_attention``.
-        q_offset: with ``max_distance``, the resolved offset of query 0 (``relative_attention``
-            passes S - T when the caller gave none).
-        block: query rows per block; default ``BLOCK_ROWS``.
+        q: queries [B, T, N, H].
+        k: keys [B, S, N, H].
+        v: values [B, S, N, H].
+        args: the checked arguments of the call (``relative_attention`` makes them).
 
     Returns:
-        [B, T, N, H].
+        [B, T, N, H], equal to the einsum path's result.
     """
-    from .attention import relative_attention  # attention.py imports this module
-
     B, T, N, H = q.shape
-    S = k.shape[1]
-    bq = max(1, min(BLOCK_ROWS if block is None else block, T))
+    bq = max(1, min(BLOCK_ROWS, T))
     nblk = -(-T // bq)
-    d = _spec.Dims(B=B, T=T, S=S, N=N, H=H)
-    pad = lambda x, axis, value=0: _pad_rows(x, axis, nblk * bq, value)  # noqa: E731
-    q_p = pad(q, 1)
-    ids_p = None if rel_ids is None else pad(rel_ids, rel_ids.ndim - 2)
-    edge_axes = {}
-    if rel_ids is None and max_distance is None:  # dense edges: slice their T dim unless it broadcasts
-        edge_axes = {n: _spec.dense_t_axis(e.ndim) for n, e in (("rel_k", rel_k), ("rel_v", rel_v)) if e is not None}
-        edge_axes = {n: a for n, a in edge_axes.items() if (rel_k if n == "rel_k" else rel_v).shape[a] == T}
-    rel = {"rel_k": rel_k, "rel_v": rel_v}
-    rel = {n: (pad(e, edge_axes[n]) if n in edge_axes else e) for n, e in rel.items()}
-    mask_rows = mask is not None and mask.ndim >= 2 and mask.shape[-2] == T and T > 1
-    mask_p = pad(mask, mask.ndim - 2, False) if mask_rows else mask
-    impl = "shaw" if max_distance is not None and dropout_p == 0.0 else "reference"
+    padded = _Padded.of(q, args, nblk * bq)
+    path = shaw_attention if args.max_distance is not None and args.dropout_p == 0.0 else einsum_attention
 
     def one_block(c):
-        i0 = c * bq
-        rows = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i0, bq, axis)  # noqa: E731
-        edges = {n: (rows(e, edge_axes[n]) if n in edge_axes else e) for n, e in rel.items()}
-        m = rows(mask_p, mask_p.ndim - 2) if mask_rows else mask_p
-        if is_causal:  # rows i0.. of the bottom-right causal mask
-            m = combine_masks(m, causal_mask(bq, S, q_offset=S - T + i0))
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, c)
-        return relative_attention(
-            rows(q_p, 1), k, v, edges["rel_k"], edges["rel_v"],
-            rel_ids=None if ids_p is None else rows(ids_p, ids_p.ndim - 2), mask=m, scale=scale,
-            dropout_p=dropout_p, dropout_rng=rng, max_distance=max_distance,
-            q_offset=None if q_offset is None else q_offset + i0, implementation=impl,
-        )  # [B, bq, N, H]
+        block_args = padded.rows(args, c * bq, bq, k.shape[1], T)
+        if args.dropout_rng is not None:
+            block_args = replace(block_args, dropout_rng=jax.random.fold_in(args.dropout_rng, c))
+        return path(jax.lax.dynamic_slice_in_dim(padded.q, c * bq, bq, 1), k, v, block_args)  # [B, bq, N, H]
 
     out = jax.lax.map(jax.checkpoint(one_block), jnp.arange(nblk))  # [nblk, B, bq, N, H]
     return jnp.moveaxis(out, 0, 1).reshape(B, nblk * bq, N, H)[:, :T]
+
+
+@dataclass(frozen=True)
+class _Padded:
+    """q and the per-row arguments (rel_ids, dense edges with a T axis, mask rows) zero-padded to whole blocks."""
+
+    q: jax.Array
+    rel_k: jax.Array | None
+    rel_v: jax.Array | None
+    rel_ids: jax.Array | None
+    mask: jax.Array | None
+    mask_rows: bool  # the mask has T rows (cut per block); else every block uses it whole
+    edge_axes: dict  # {"rel_k" / "rel_v": the T axis of a dense edge tensor with T rows}
+
+    @classmethod
+    def of(cls, q, args: AttentionArgs, total: int):
+        T = q.shape[1]
+        edges = {"rel_k": args.rel_k, "rel_v": args.rel_v}
+        axes = {}
+        if args.rel_ids is None and args.max_distance is None:  # dense edges: slice their T dim unless it broadcasts
+            axes = {n: _spec.dense_t_axis(e.ndim) for n, e in edges.items() if e is not None}
+            axes = {n: a for n, a in axes.items() if edges[n].shape[a] == T}
+        edges = {n: (_pad_rows(e, axes[n], total) if n in axes else e) for n, e in edges.items()}
+        ids = None if args.rel_ids is None else _pad_rows(args.rel_ids, args.rel_ids.ndim - 2, total)
+        mask = args.mask
+        mask_rows = mask is not None and mask.ndim >= 2 and mask.shape[-2] == T and T > 1
+        if mask_rows:
+            mask = _pad_rows(mask, mask.ndim - 2, total, False)
+        return cls(_pad_rows(q, 1, total), edges["rel_k"], edges["rel_v"], ids, mask, mask_rows, axes)
+
+    def rows(self, args: AttentionArgs, i0, bq: int, S: int, T: int) -> AttentionArgs:
+        """The arguments for query rows [i0, i0 + bq) (i0 may be traced); the causal rows join the mask."""
+        cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i0, bq, axis)  # noqa: E731
+        rel = {n: (cut(e, self.edge_axes[n]) if n in self.edge_axes else e)
+               for n, e in (("rel_k", self.rel_k), ("rel_v", self.rel_v))}
+        ids = None if self.rel_ids is None else cut(self.rel_ids, self.rel_ids.ndim - 2)
+        mask = cut(self.mask, self.mask.ndim - 2) if self.mask_rows else self.mask
+        if args.is_causal:  # rows i0.. of the bottom-right causal mask
+            mask = combine_masks(mask, causal_mask(bq, S, q_offset=S - T + i0))
+        q_offset = None if args.q_offset is None else args.q_offset + i0
+        return replace(args, rel_k=rel["rel_k"], rel_v=rel["rel_v"], rel_ids=ids, mask=mask, is_causal=False,
+                       q_offset=q_offset)
 
 
 def _pad_rows(x, axis, total, value=0):

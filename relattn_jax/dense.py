@@ -6,18 +6,22 @@ axis and M a second head axis (the block-diagonal copy's columns).
 For edges with a head axis, [T, S, N, H] or [B, T, S, N, H], every edge element meets only B (or
 one) query rows, so the work is bound by reading the edges once. XLA on CPU lowers an einsum
 batched over (T, N) to a transpose of the whole edge tensor plus many small products; the forms
-below read the edges in place instead (B=2, T=S=256, N=8, H=64, float32, 2-core CPU):
+below read the edges in place instead:
     key term   q_i . a_ij: one GEMM per query row between the edges viewed as [S, N*H] and a
                block-diagonal [N*H, B*N] copy of the queries (N times the flops, but one
-               well-shaped GEMM): 160 -> 18-24 ms.
-    value term sum_j p_ij a_ij: one fused multiply-reduce over S: 149 -> 18-35 ms.
-Their automatic derivatives are GEMMs and fused loops of the same kind (a custom VJP written
-with these forms measured slower), and forward-mode differentiation keeps working.
+               well-shaped GEMM).
+    value term sum_j p_ij a_ij: one fused multiply-reduce over S.
+Their automatic derivatives are GEMMs and fused loops of the same kind, and forward-mode
+differentiation keeps working. The measured times are on the Performance page of the docs.
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no transpose.
 Like any GEMM form, an inf in the edges turns into NaN through the zero blocks (0 * inf).
 
-The torch twin computes the same functions with the same block-diagonal GEMMs (its value term
-too, with a diagonal read of the [T, B * N, N * H] product).
+Why this twin differs: the torch twin computes the same functions with the same block-diagonal
+GEMMs, but its value term reads the diagonal of one [T, B * N, N * H] product, its heads form
+groups that bound the wasted flops, and its backward is a custom autograd function that writes
+each edge gradient once into a NumPy-allocated buffer. Here XLA fuses the value term's
+multiply-reduce and differentiates both terms itself (a custom VJP written with these forms was
+slower).
 """
 
 from __future__ import annotations

@@ -6,10 +6,16 @@ and ``model(tokens [B, T], *, cache=...) -> (logits [B, T, V], cache)``, e.g.
 decoding with the same weights; sampled tokens differ, the random streams differ).
 
 Two loops give the same tokens: ``loop="scan"`` (default) jits prefill and a
-``jax.lax.scan`` over ``decode_step``, compiled once per prompt shape, number of new
+``jax.lax.scan`` over ``_decode_step``, compiled once per prompt shape, number of new
 tokens and temperature; ``loop="eager"`` runs the same functions op by op in Python.
-The cache has fixed-size buffers, so the scan body (and a jitted ``decode_step``) is
+The cache has fixed-size buffers, so the scan body (and a jitted ``_decode_step``) is
 traced once however full the cache is.
+
+Why this twin differs: a Python loop of jax calls dispatches every op from the host, so the
+default loop here is one jitted program (prefill, then a ``lax.scan`` over the decode steps) on
+a model split into graph and state; the step is a function of its own (``_decode_step``) so
+that both loops share it, and each draw takes the key ``fold_in(key(seed), step)``. The torch
+twin runs an eager loop under ``torch.no_grad`` with one seeded ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -62,21 +68,21 @@ def generate(
     if loop == "scan":
         graphdef, state = nnx.split(model)
         return _generate_jit(graphdef, state, prompt, cache, mask, key, max_new_tokens, float(temperature))
-    token, cache = prefill(model, prompt, cache, key, temperature, mask)
+    token, cache = _prefill(model, prompt, cache, key, temperature, mask)
     out = [token]
     for step in range(1, max_new_tokens):
-        token, cache = decode_step(model, token, cache, key, step, temperature, mask)
+        token, cache = _decode_step(model, token, cache, key, step, temperature, mask)
         out.append(token)
     return jnp.stack(out, axis=1)
 
 
-def prefill(model, prompt, cache, key, temperature: float, mask=None):
+def _prefill(model, prompt, cache, key, temperature: float, mask=None):
     """Run the prompt [B, P] through the model; (first new token [B], cache)."""
     logits, cache = _call(model, prompt, cache, mask)
     return sample(logits[:, -1], temperature, jax.random.fold_in(key, 0)), cache
 
 
-def decode_step(model, token, cache, key, step, temperature: float, mask=None):
+def _decode_step(model, token, cache, key, step, temperature: float, mask=None):
     """One cached step: token [B] at the cache's end -> (next token [B], new cache).
 
     ``step`` (int or traced) numbers the draw: the key is ``fold_in(key, step)``.
@@ -109,11 +115,11 @@ def left_pad(prompt: jax.Array, lengths: jax.Array, max_length: int):
 # inside the scan the cache is loop-carried state that XLA updates with dynamic-update-slice.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
 def _generate_jit(graphdef, state, prompt, cache, mask, key, max_new_tokens, temperature):
-    token, cache = prefill(nnx.merge(graphdef, state), prompt, cache, key, temperature, mask)
+    token, cache = _prefill(nnx.merge(graphdef, state), prompt, cache, key, temperature, mask)
 
     def body(carry, step):
         token, cache = carry
-        token, cache = decode_step(nnx.merge(graphdef, state), token, cache, key, step, temperature, mask)
+        token, cache = _decode_step(nnx.merge(graphdef, state), token, cache, key, step, temperature, mask)
         return (token, cache), token
 
     _, rest = jax.lax.scan(body, (token, cache), jnp.arange(1, max_new_tokens))  # rest [steps, B]

@@ -6,19 +6,20 @@ Shaw ids r_ij = clip(j - i - q_offset, -K, K) + K (K = max_distance, R = 2K + 1)
 terms go through one linear map and its adjoint, never through a generic gather/scatter:
     expand  [B, N, T, R] -> [B, N, T, S]:  x[..., i, r_ij]            (key term: q_i . a^K_{r_ij})
     reduce  [B, N, T, S] -> [B, N, T, R]:  sum_j [r_ij = r] y[..., i, j]  (value term: bucket masses)
-``expand`` is a gather batched over T with one [T, S] index array; ``reduce`` is one plain
+``_expand`` is a gather batched over T with one [T, S] index array; ``_reduce`` is one plain
 reduction into blocks of keys plus gathers of a window of < 2K + 2 * 64 keys per row; no
-scatter. Each is the other's VJP (custom_vjp). The attention itself has a custom VJP too
-(``_shaw_bwd``), written so that XLA keeps few [B, N, T, S] arrays: measured with
-``memory_analysis`` at B, T, N, H = 2, 2048, 8, 64, the fwd+bwd program's temporaries fell from
-7.2 to 4.2 times one [B, N, T, S] float32 array (``jax.nn.dot_product_attention``: 3.1), and on
-this CPU each such array costs ~140 ms of page faults per step. XLA on CPU has no fused
-attention kernel: like ``jax.nn.dot_product_attention`` itself, this path holds [B, N, T, S]
-logits; ``blockwise.py`` bounds that for long sequences. ``q_offset`` may be traced, and any
-mask is accepted.
+scatter. The attention has a custom VJP (``_shaw_bwd``), written so that XLA keeps fewer
+[B, N, T, S] arrays than automatic differentiation through the softmax, expand and reduce
+does (each such array also costs page faults on every step). XLA on CPU has no fused attention
+kernel: like ``jax.nn.dot_product_attention`` itself, this path holds [B, N, T, S] logits;
+``blockwise.py`` bounds that for long sequences. ``q_offset`` may be traced, and any mask is
+accepted.
 
-The torch twin of this file runs the tails in torch's fused flash kernel instead; both compute
-exactly the same function.
+Why this twin differs: the torch twin runs the clipped tails in torch's fused CPU flash
+kernel and only the band by hand, so it never holds [B, N, T, S] logits, but that kernel takes
+no mask, no dropout, only CPU float32/float64 and an int q_offset. XLA has no such kernel, so
+here both relation terms are one expand / reduce pair over the full logits, which works on any
+backend and dtype with any mask and a traced q_offset. Both compute exactly the same function.
 """
 
 from __future__ import annotations
@@ -28,30 +29,32 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from .einsum import AttentionArgs, masked_softmax
 from .masks import causal_mask, combine_masks
 
 _KEY_BLOCK = 64  # keys per block for the tail sums of ``reduce`` (a divisor of S up to this)
 
 
-def shaw_attention(q, k, v, rel_k, rel_v, *, max_distance: int, q_offset, is_causal: bool, scale: float,
-                   mask=None, block: int | None = None):
+def shaw_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
     """Shaw attention with implied ids clip(j - i - q_offset, +-max_distance) + max_distance.
 
     Args:
-        q: [B, T, N, H]; k, v: [B, S, N, H].
-        rel_k, rel_v: tables [R, H] or [R, N, H] with R = 2 * max_distance + 1, or None.
-        max_distance: K. q_offset: int or traced int scalar.
-        is_causal: bottom-right causal, as in ``relative_attention``.
-        scale: logit scale. mask: bool, broadcastable to [B, N, T, S], or None.
-        block: unused here (the torch twin's band block); kept for one signature.
+        q: queries [B, T, N, H].
+        k: keys [B, S, N, H].
+        v: values [B, S, N, H].
+        args: the checked arguments of the call, in the Shaw form: tables ``rel_k`` / ``rel_v``
+            [R, H] or [R, N, H] with R = 2 * max_distance + 1, ``q_offset`` an int or traced int
+            scalar, any mask, no dropout.
 
     Returns:
         [B, T, N, H]; a query that sees no key returns 0.
     """
+    if args.dropout_p > 0.0 or args.max_distance is None:
+        raise ValueError("the Shaw path takes max_distance and no dropout")
     T, S = q.shape[1], k.shape[1]
-    off = jnp.asarray(q_offset, jnp.int32)
-    visible = combine_masks(mask, causal_mask(T, S) if is_causal else None)
-    return _shaw(q, k, v, rel_k, rel_v, off, visible, max_distance, scale)
+    off = jnp.asarray(args.q_offset, jnp.int32)
+    visible = combine_masks(args.mask, causal_mask(T, S) if args.is_causal else None)
+    return _shaw(q, k, v, args.rel_k, args.rel_v, off, visible, args.max_distance, args.scale)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -60,8 +63,6 @@ def _shaw(q, k, v, rel_k, rel_v, off, visible, K, scale):
 
 
 def _shaw_fwd(q, k, v, rel_k, rel_v, off, visible, K, scale):
-    from .attention import masked_softmax  # attention.py imports this module
-
     # the scale goes on q: XLA on CPU would broadcast it to a full [B, N, T, S] array to fuse it
     qs = q * jnp.asarray(scale, q.dtype)
     logits = jnp.einsum("BTNH,BSNH->BNTS", qs, k)  # [B, N, T, S], scaled
@@ -80,8 +81,8 @@ def _shaw_fwd(q, k, v, rel_k, rel_v, off, visible, K, scale):
 def _shaw_bwd(K, scale, res, g):
     """The attention backward written out: the saved probabilities, dp and the logits' cotangent
     ds are its only [B, N, T, S] arrays besides the expanded value-table term, where autodiff through
-    the softmax, expand and reduce kept more (7.2 -> 4.2 units of temporaries, see the module
-    docstring). Uses sum_j p_ij dp_ij = g_i . z_i (z_i the whole output, value term included)."""
+    the softmax, expand and reduce kept more. Uses sum_j p_ij dp_ij = g_i . z_i (z_i the whole
+    output, value term included)."""
     q, k, v, rel_k, rel_v, off, visible, probs, buckets, out = res
     dv = jnp.einsum("BNTS,BTNH->BSNH", probs, g)
     dp = jnp.einsum("BTNH,BSNH->BNTS", g, v)  # [B, N, T, S]
@@ -115,13 +116,8 @@ def _distance(T, S, off):
     return jnp.arange(S, dtype=jnp.int32)[None, :] - i
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def expand(x, off, K: int, S: int):
-    """[B, N, T, R] -> [B, N, T, S]: entry (i, j) is x[..., i, clip(j - i - off, -K, K) + K]."""
-    return _expand(x, off, K, S)
-
-
 def _expand(x, off, K, S):
+    """[B, N, T, R] -> [B, N, T, S]: entry (i, j) is x[..., i, clip(j - i - off, -K, K) + K]."""
     ids = jnp.clip(_distance(x.shape[2], S, off), -K, K) + K  # [T, S]
     return _take_rows(x, ids)
 
@@ -137,26 +133,10 @@ def _take_rows(x, idx):
     return jnp.moveaxis(out, 0, 2)
 
 
-def _expand_fwd(x, off, K, S):
-    return _expand(x, off, K, S), off
-
-
-def _expand_bwd(K, S, off, g):
-    return _reduce(g, off, K), None
-
-
-expand.defvjp(_expand_fwd, _expand_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def reduce(y, off, K: int):
-    """[B, N, T, S] -> [B, N, T, R]: bucket r sums y[..., i, j] over keys with id r (adjoint of expand)."""
-    return _reduce(y, off, K)
-
-
 def _reduce(y, off, K):
+    """[B, N, T, S] -> [B, N, T, R]: bucket r sums y[..., i, j] over keys with id r (the adjoint of ``_expand``)."""
     # The tails are not summed as where(mask, y, 0).sum(-1): XLA on CPU materialises that select
-    # as a full [B, N, T, S] array before reducing it (about 0.6 of a forward's time at S = 2048).
+    # as a full [B, N, T, S] array before reducing it.
     # Instead one plain reduce gives sums over blocks of ``cb`` keys, the blocks wholly inside a
     # tail are added from those ([B, N, T, S / cb]), and a gathered window of < 2K + 2cb keys per
     # row holds the two partial blocks and the band.
@@ -183,15 +163,3 @@ def _reduce(y, off, K):
     diag = _take_rows(y, jnp.clip(j, 0, S - 1))
     diag = jnp.where(inside, diag, 0)
     return jnp.concatenate([left[..., None], diag, right[..., None]], axis=-1)
-
-
-def _reduce_fwd(y, off, K):
-    return _reduce(y, off, K), (off, y.shape[3])
-
-
-def _reduce_bwd(K, res, g):
-    off, S = res
-    return _expand(g, off, K, S), None
-
-
-reduce.defvjp(_reduce_fwd, _reduce_bwd)

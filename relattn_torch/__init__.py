@@ -5,6 +5,7 @@ The twin of ``relattn_jax``: same names, same equations, same weight layout.
 
 from .attention import masked_softmax, relative_attention
 from .cache import KVCache
+from .choice import Choice, choose_implementation
 from .decoder import DecoderConfig, DecoderLM
 from .generate import generate
 from .masks import causal_mask, combine_masks, padding_mask
@@ -14,6 +15,7 @@ from .interop import from_torch_mha
 from .weights import LoadResult, load_weights, save_weights
 
 __all__ = [
+    "Choice",
     "DecoderConfig",
     "DecoderLM",
     "LoadResult",
@@ -24,6 +26,7 @@ __all__ = [
     "RelationAwareAttention",
     "RelativeMultiHeadAttention",
     "causal_mask",
+    "choose_implementation",
     "combine_masks",
     "generate",
     "masked_softmax",

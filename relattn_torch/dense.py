@@ -4,25 +4,27 @@ Dimension legend as in ``attention.py``: B T S N H.
 
 For edges with a head axis, [T, S, N, H] or [B, T, S, N, H], every edge element meets only B (or
 one) query rows, so the work is bound by reading the edges once. An einsum batched over (T, N)
-first copies the edges into [T, N, H, S] order (73-97 ms for 128 MiB on a 2-core CPU, longer than
-the whole product), and per-head products batched over T are GEMV-shaped (B rows). Here, as in
-the JAX twin, each query row t meets its edges viewed in place as one [S, N * H] matrix, against a
-block-diagonal copy of the B queries (row (b, n) holds q[b, t, n] in head n's columns, zeros
-elsewhere): N times the flops, but one well-shaped GEMM per row, batched over T.
+first copies the edges into [T, N, H, S] order, which takes longer than the whole product, and
+per-head products batched over T are GEMV-shaped (B rows). Here each query row t meets its edges
+viewed in place as one [S, N * H] matrix, against a block-diagonal copy of the B queries (row
+(b, n) holds q[b, t, n] in head n's columns, zeros elsewhere): N times the flops, but one
+well-shaped GEMM per row, batched over T.
     key term    [T, B * N, N * H] x [T, N * H, S] -> [T, B * N, S]
     value term  [T, B * N, S] x [T, S, N * H] -> [T, B * N, N * H], then each row's own head
     edge grads  [T, S, B * N] x [T, B * N, N * H] -> [T, S, N * H], written once
-Heads form groups of G (``GEMM_ROWS`` = B * G rows per GEMM) so the wasted flops stay bounded for
+Heads form groups of G (``_GEMM_ROWS`` = B * G rows per GEMM) so the wasted flops stay bounded for
 large B * N; for B * N <= 16 there is one group. The backward is a custom autograd function (twice
 differentiable), and it writes each edge gradient into a buffer from NumPy's allocator, which
-advises huge pages (``_empty_edges``). Single-threaded, B=2, T=S=256, N=8, H=64, float32: the key
-and value terms take about 30 ms each (per-head strided products: 60 ms); each edge gradient
-takes 26 ms into a reused buffer, 40 ms into a NumPy-allocated one, 110 ms into a torch-allocated one.
+advises huge pages (``_empty_edges``). The measured times are on the Performance page of the docs.
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no copy.
 Like any GEMM form, an inf in the edges turns into NaN through the zero blocks (0 * inf).
 
-The JAX twin computes the key term and the edge gradients with the same GEMMs (its value term
-is a fused multiply-reduce, which XLA runs as fast).
+Why this twin differs: the JAX twin computes the key term and the edge gradients with the same
+block-diagonal GEMMs, but leaves the derivatives to automatic differentiation and writes its
+value term as a fused multiply-reduce over S, which XLA runs as fast. Torch's autograd would
+keep the [T, B * N, N * H] products and allocate each edge gradient with torch's allocator, so
+here the value term reads the diagonal of one GEMM and the backward is written out, with head
+groups and NumPy-allocated gradient buffers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 _HUGE_BYTES = 1 << 25  # edge buffers from 32 MiB up are allocated by NumPy (see _empty_edges)
-GEMM_ROWS = 16  # query rows per block-diagonal GEMM that the head grouping aims for
+_GEMM_ROWS = 16  # query rows per block-diagonal GEMM that the head grouping aims for
 
 
 def edge_key_term(q: torch.Tensor, edges: torch.Tensor, letters: str) -> torch.Tensor:
@@ -70,8 +72,8 @@ def edge_value_term(probs: torch.Tensor, edges: torch.Tensor, letters: str) -> t
 
 
 def _groups(B, N):
-    """Heads per block-diagonal group G: the largest divisor of N with B * G <= ``GEMM_ROWS``."""
-    want = max(1, GEMM_ROWS // max(1, B))
+    """Heads per block-diagonal group G: the largest divisor of N with B * G <= ``_GEMM_ROWS``."""
+    want = max(1, _GEMM_ROWS // max(1, B))
     return max(g for g in range(1, N + 1) if N % g == 0 and g <= want)
 
 
@@ -145,10 +147,10 @@ def _outer(y, x, shape, batched):
 def _empty_edges(shape, like):
     """An uninitialised edge-sized buffer that Linux may back with 2 MiB pages.
 
-    The first write of a fresh 128 MiB tensor costs ~70 ms of 4 KiB page faults on a CPU whose
+    The first write of a fresh edge-sized tensor is dominated by 4 KiB page faults on a CPU whose
     transparent huge pages are in "madvise" mode (torch's allocator gives no hint unless
     THP_MEM_ALLOC_ENABLE=1 is set). NumPy's allocator advises huge pages for large arrays, which
-    cut that to ~10-25 ms for the edge gradients at B, T, S, N, H = 2, 256, 256, 8, 64.
+    removes most of that cost.
     """
     nbytes = math.prod(shape) * like.element_size()
     if like.device.type != "cpu" or nbytes < _HUGE_BYTES:

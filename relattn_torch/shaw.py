@@ -10,16 +10,16 @@ query row into three key sets, d = j - i - q_offset:
 On a tail the key term is one table row and so is the value term, so a tail is plain attention
 with keys k + a^K_tail: torch's fused CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``
 and its backward) runs it, reading strided [B, N, L, H] views of our [B, L, N, H] tensors and
-skipping the masked blocks of a causal call. The band runs in blocks of ``block`` query rows, each
+skipping the masked blocks of a causal call. The band runs in blocks of ``_BAND_BLOCK`` query rows, each
 against a window of P * block keys (P = ceil((block + 2K - 2) / block)), by batched matmuls; its
 key / value table terms go through a skewed strided view of a block's [block, P * block] logits
 (entry [u, u + r] is the band entry of table row r + 1; no gather, no index tensor).
 
-Chunks (``_Plan``). The backward cuts the query rows into chunks of C rows, C * B * N * H about
-``CHUNK_ELEMENTS`` (C a multiple of ``block``; C = 1024 for B N H = 2 8 64, so 2 chunks at T = 2048,
+Chunks (``_shaw_plan.Plan``). The backward cuts the query rows into chunks of C rows, C * B * N * H about
+``_CHUNK_ELEMENTS`` (C a multiple of ``block``; C = 1024 for B N H = 2 8 64, so 2 chunks at T = 2048,
 8 at T = 8192); the forward, which keeps fewer buffers per row, uses chunks of 2C. For rows
 [r0, r1) a tail is a rectangle of keys that every row sees plus a triangle of at most C^2 / 2
-entries (``tail_calls``): the left triangle is a top-left causal call; the right one, mirrored, a
+entries (``_shaw_plan.tail_calls``): the left triangle is a top-left causal call; the right one, mirrored, a
 causal call on reversed copies of only that triangle's rows and keys. The backward also cuts
 every rectangle into tiles of at most C keys.
 
@@ -41,6 +41,14 @@ kernel's dq / dk / dv and its own scratch, the reversed copies of one triangle, 
 windows, logits and gradients. At B, S, N, H = 2, 8192, 8, 64 that is under 1 U on top of the 6 U
 that any attention backward holds (output, cotangent, dz, dq, dk, dv). No [B, N, T, S] tensor
 exists in either direction; memory is linear in T and S.
+
+Why this twin differs: torch has a fused attention kernel on CPU and XLA has none, so this
+path runs the tails in that kernel and only the band by hand, never holding [B, N, T, S]
+logits; the plan of calls and band blocks lives in the private ``_shaw_plan.py``. The kernel
+takes no mask and no dropout, only CPU float32/float64 tensors and an int q_offset, so
+``choice.py`` sends other calls elsewhere. The JAX twin maps the clipped ids through one
+expand / reduce pair over the full logits, which takes any mask, dtype and traced q_offset.
+Both compute exactly the same function.
 """
 
 from __future__ import annotations
@@ -48,190 +56,93 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-BAND_BLOCK = 32  # query rows per band block
+from ._shaw_plan import Band, Plan
+from .einsum import AttentionArgs
+
+_BAND_BLOCK = 32  # query rows per band block
 _FORWARD_CHUNKS = 2  # forward chunk = this many backward chunks (fewer temporaries per row)
-CHUNK_ELEMENTS = 1 << 20  # about B * N * H * (query rows per backward chunk); see the module docstring
+_CHUNK_ELEMENTS = 1 << 20  # about B * N * H * (query rows per backward chunk); see the module docstring
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One fused-attention call over natural query rows / keys; ``flip`` runs it on reversed copies."""
-
-    rows: tuple[int, int]
-    keys: tuple[int, int]
-    causal: bool  # top-left causal in call order (reversed order if flip)
-    flip: bool
-    row: int  # table row of this tail
-
-
-def tail_calls(T: int, S: int, q_offset: int, max_distance: int, causal_offset: int | None,
-               rows: tuple[int, int] | None = None, tile: int | None = None) -> list[_Call]:
-    """The fused calls that cover both tails for query rows ``rows`` (default all).
-
-    ``causal_offset`` is S - T when causal, else None. ``tile``: at most this many keys per
-    rectangle call (None: one rectangle per tail). Every call's first row sees at least one key.
-    """
-    K, R = max_distance, 2 * max_distance + 1
-    r0, r1 = (0, T) if rows is None else rows
-    left = q_offset - K if causal_offset is None else min(q_offset - K, causal_offset)
-    calls = [_Call(r, s, c, False, 0) for r, s, c in _left(r0, r1, S, left, tile)]
-    if causal_offset is None:  # key j >= i + q_offset + max(K, 1)  <=>  j' <= i' + right (reversed)
-        right = S - T - q_offset - max(K, 1)
-        for (a0, a1), (b0, b1), c in _left(T - r1, T - r0, S, right, tile):
-            calls.append(_Call((T - a1, T - a0), (S - b1, S - b0), c, c, R - 1))
-    return calls
-
-
-def _left(r0, r1, S, c, tile):
-    """(rows, keys, causal) calls in which query r0 <= i < r1 sees exactly keys 0 <= j <= min(i + c, S - 1)."""
-    out = []
-    if r1 <= r0 or S <= 0:
-        return out
-    cc = r0 + c  # row r0 sees keys j <= cc
-    if cc >= 0:
-        e = min(cc + 1, S)  # a rectangle every row sees, tiled
-        step = e if tile is None else tile
-        out += [((r0, r1), (s, min(s + step, e)), False) for s in range(0, e, step)]
-        if e < S and r1 - r0 > 1:  # row r0 + 1 + u sees keys cc + 1 .. cc + 1 + u: top-left causal
-            out.append(((r0 + 1, r1), (e, min(S, cc + r1 - r0)), True))
-    elif r1 + c > 0:  # rows before i0 = -c see nothing; row i0 + u sees keys 0 .. u
-        out.append(((-c, r1), (0, min(S, r1 + c)), True))
-    return out
-
-
-def supports(T, S, q_offset, max_distance, is_causal) -> bool:
-    """Whether the banded path covers this case (else the caller falls back)."""
-    if not isinstance(q_offset, int) or isinstance(q_offset, bool):
-        return False
-    return not is_causal or q_offset + max(max_distance, 1) > S - T
-
-
-def shaw_attention(q, k, v, rel_k, rel_v, *, max_distance: int, q_offset: int, is_causal: bool, scale: float,
-                   block: int | None = None):
-    """Shaw attention with implied ids clip(j - i - q_offset, +-max_distance) + max_distance.
+def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
+    """Shaw attention with implied ids clip(j - i - q_offset, +-max_distance) + max_distance, banded.
 
     Args:
-        q: [B, T, N, H]; k, v: [B, S, N, H] (float32 or float64).
-        rel_k, rel_v: tables [R, H] or [R, N, H] with R = 2 * max_distance + 1, or None.
-        max_distance, q_offset: the Shaw ids (int q_offset).
-        is_causal: bottom-right causal, as in ``relative_attention``; needs
-            q_offset + max(max_distance, 1) > S - T (see ``supports``).
-        scale: logit scale. block: query rows per band block; default ``BAND_BLOCK``.
+        q: queries [B, T, N, H], float32 or float64 on CPU.
+        k: keys [B, S, N, H].
+        v: values [B, S, N, H].
+        args: the checked arguments of the call, in the Shaw form: tables ``rel_k`` / ``rel_v``
+            [R, H] or [R, N, H] with R = 2 * max_distance + 1, an int ``q_offset``, no mask, no
+            dropout and, when causal, q_offset + max(max_distance, 1) > S - T (``choice.py``
+            sends other calls to another path).
 
     Returns:
         [B, T, N, H]; a query that sees no key returns 0.
     """
+    if args.mask is not None or args.dropout_p > 0.0 or args.max_distance is None:
+        raise ValueError("the banded Shaw path takes max_distance, no mask and no dropout")
     B, T, N, H = q.shape
-    block = BAND_BLOCK if block is None else block
-    plan = _Plan(B * N * H, T, k.shape[1], q_offset, max_distance, k.shape[1] - T if is_causal else None, block)
-    return _ShawFunction.apply(q, k, v, rel_k, rel_v, plan, scale)
+    S = k.shape[1]
+    plan = Plan(B * N * H, T, S, args.q_offset, args.max_distance, S - T if args.is_causal else None,
+                _BAND_BLOCK, _CHUNK_ELEMENTS)
+    return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, args.scale)
 
 
-class _Plan:
-    """Chunks of query rows and the band's geometry: block n of b rows meets keys n * b + j_min + [0, P * b)."""
+@dataclass(frozen=True)
+class _Inputs:
+    """One call's q, k, v as [B, N, L, H] views of their [B, L, N, H] storage, k itself (the tails
+    read it in its own layout), the tables as per-head [N, R, H] views (or None), and the scale."""
 
-    def __init__(self, BNH, T, S, q_offset, K, causal_offset, block):
-        self.T, self.S, self.q_offset, self.K, self.causal_offset = T, S, q_offset, K, causal_offset
-        self.b = b = block
-        self.chunk = max(1, CHUNK_ELEMENTS // max(1, BNH) // b) * b  # backward rows per chunk
-        self.P = max(1, -(-(b + 2 * K - 2) // b))
-        self.j_min = q_offset - K + 1  # key of window column 0 in block 0
-        self._invalid = None
+    qt: torch.Tensor
+    kt: torch.Tensor
+    vt: torch.Tensor
+    k: torch.Tensor
+    rk: torch.Tensor | None
+    rv: torch.Tensor | None
+    scale: float
 
-    def chunks(self, size):
-        return [(r0, min(r0 + size, self.T)) for r0 in range(0, self.T, size)]
-
-    def calls(self, r0, r1, tile=None):
-        return tail_calls(self.T, self.S, self.q_offset, self.K, self.causal_offset, (r0, r1), tile)
-
-    def invalid(self, device):
-        """[T / b, b, P * b] bool: True where a window entry is not a visible band entry (computed once)."""
-        if self._invalid is None:
-            b, Pb, K = self.b, self.P * self.b, self.K
-            u = torch.arange(b, device=device)[:, None]
-            w = torch.arange(Pb, device=device)[None, :]
-            rel = w - u + 1  # table row; j - i = rel - K + q_offset
-            ok = (rel >= 1) & (rel <= 2 * K - 1)
-            if self.causal_offset is not None:
-                ok &= rel - K + self.q_offset <= self.causal_offset
-            blk = torch.arange(-(-self.T // b), device=device)[:, None, None] * b
-            j = blk + w + self.j_min
-            self._invalid = ~(ok & (blk + u < self.T) & (j >= 0) & (j < self.S))
-        return self._invalid
+    @classmethod
+    def of(cls, q, k, v, rel_k, rel_v, scale):
+        N = q.shape[2]
+        rk = None if rel_k is None else _heads(rel_k, N)
+        rv = None if rel_v is None else _heads(rel_v, N)
+        return cls(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k, rk, rv, scale)
 
 
-class _Band:
-    """The band of query rows [r0, r1) (r0 a multiple of b): nblk blocks, keys [j0, j0 + L)."""
+@dataclass(frozen=True)
+class _Output:
+    """The forward's output z and the cotangent dz as [B, N, T, H] views, and the finite lse [B, N, T]."""
 
-    def __init__(self, plan, r0, r1):
-        self.b, self.P, self.K, self.S = plan.b, plan.P, plan.K, plan.S
-        self.n, self.nblk = r1 - r0, -(-(r1 - r0) // plan.b)
-        self.j0 = r0 + plan.j_min
-        self.L = (self.nblk + self.P - 1) * self.b
-        self.rows = (r0, r1)
-        self.plan = plan
+    zt: torch.Tensor
+    dzt: torch.Tensor
+    lse: torch.Tensor
 
-    def invalid(self, device):
-        """[nblk, b, P * b] bool: True off the visible band."""
-        n0 = self.rows[0] // self.b
-        return self.plan.invalid(device)[n0 : n0 + self.nblk]
 
-    def blocks(self, x, scale=None):
-        """Chunk rows x [B, N, n, H] as a contiguous [B, N, nblk, b, H] (times ``scale``), zero-padded."""
-        B, N, _, H = x.shape
-        if torch.compiler.is_compiling():
-            # the eager form below writes through out=; inductor (torch 2.13, T = 4096) gave that
-            # result x's strides while its graph said contiguous, and then failed to view it as 3-d
-            y = x if scale is None else x * scale
-            y = F.pad(y, (0, 0, 0, self.nblk * self.b - self.n)).contiguous()
-            return y.view(B, N, self.nblk, self.b, H)
-        out = x.new_empty(B, N, self.nblk * self.b, H)
-        if scale is None:
-            out[:, :, : self.n] = x
-        else:
-            torch.mul(x, scale, out=out[:, :, : self.n])
-        if self.n < out.shape[2]:
-            out[:, :, self.n :] = 0
-        return out.view(B, N, self.nblk, self.b, H)
+@dataclass(frozen=True)
+class _Grads:
+    """The gradients being summed: dq, dk, dv in the layout of q, k, v (autograd takes them without a
+    copy), their [B, N, L, H] views, and the per-head table gradients [N, R, H] (or None)."""
 
-    def windows(self, xt):
-        """Every block's key window: xt [B, N, S, H] -> contiguous [B, N, nblk, P * b, H], zero off the sequence."""
-        lo, hi = max(0, self.j0), min(self.S, self.j0 + self.L)
-        if lo >= hi:
-            x = xt.new_zeros(*xt.shape[:2], self.L, xt.shape[3])
-        elif lo != self.j0 or hi != self.j0 + self.L:
-            x = F.pad(xt[:, :, lo:hi], (0, 0, lo - self.j0, self.j0 + self.L - hi))
-        else:
-            x = xt[:, :, lo:hi]
-        return x.unfold(2, self.P * self.b, self.b).transpose(-1, -2).contiguous()
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    drk: torch.Tensor | None
+    drv: torch.Tensor | None
 
-    def fold_into(self, win, xt):
-        """xt[:, :, keys] += the adjoint of ``windows`` applied to win [B, N, nblk, P * b, H]."""
-        B, N, _, _, H = win.shape
-        b, span = self.b, self.nblk * self.b
-        for p in range(self.P):
-            part = win[:, :, :, p * b : (p + 1) * b]
-            start = self.j0 + p * b
-            lo, hi = max(0, start), min(self.S, start + span)
-            if lo >= hi:
-                continue
-            if lo == start and hi == start + span:
-                xt[:, :, lo:hi].unflatten(2, (self.nblk, b)).add_(part)
-            else:
-                xt[:, :, lo:hi].add_(part.reshape(B, N, span, H)[:, :, lo - start : hi - start])
+    @classmethod
+    def zeros(cls, q, k, v, x: _Inputs, R: int):
+        dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        N, H = q.shape[2], q.shape[3]
+        drk = None if x.rk is None else q.new_zeros(N, R, H)
+        drv = None if x.rv is None else q.new_zeros(N, R, H)
+        return cls(dq, dk, dv, drk, drv)
 
-    def diagonals(self, x):
-        """Band of x [B, N, nblk, b, P * b] (contiguous) as a view: [..., u, r] = x[..., u, u + r], table row r + 1."""
-        s = x.stride()
-        return x.as_strided((*x.shape[:4], 2 * self.K - 1), (s[0], s[1], s[2], s[3] + 1, 1), x.storage_offset())
-
-    def unblocks(self, x):
-        """[B, N, nblk, b, ...] -> [B, N, n, ...]."""
-        return x.reshape(*x.shape[:2], self.nblk * self.b, *x.shape[4:])[:, :, : self.n]
+    @property
+    def views(self):
+        return self.dq.transpose(1, 2), self.dk.transpose(1, 2), self.dv.transpose(1, 2)
 
 
 def _kernel_ready(x):
@@ -267,11 +178,9 @@ def _heads(t, N):
 class _ShawFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_k, rel_v, plan, scale):
-        q, k, v = (_kernel_ready(x) for x in (q, k, v))
+        q, k, v = (_kernel_ready(t) for t in (q, k, v))
+        x = _Inputs.of(q, k, v, rel_k, rel_v, scale)
         B, T, N, H = q.shape
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, L, H] views
-        rk = None if rel_k is None else _heads(rel_k, N)  # [N, R, H]
-        rv = None if rel_v is None else _heads(rel_v, N)
         band_on = plan.K > 0
         z = q.new_empty(B, T, N, H) if band_on else q.new_zeros(B, T, N, H)
         zt = z.transpose(1, 2)
@@ -279,18 +188,8 @@ class _ShawFunction(torch.autograd.Function):
         for r0, r1 in plan.chunks(_FORWARD_CHUNKS * plan.chunk):
             acc, m = zt[:, :, r0:r1], lse[:, :, r0:r1]
             if band_on:
-                _band_forward(_Band(plan, r0, r1), qt, kt, vt, rk, rv, scale, acc, m)
-            for c in plan.calls(r0, r1):
-                (lo, hi), (s0, s1) = c.rows, c.keys
-                ck = _tail_keys(k, s0, s1, rk, c)
-                o, l = _flash(_take(qt, lo, hi, c.flip), ck, _take(vt, s0, s1, c.flip), 0.0, c.causal, scale=scale)
-                del ck
-                if c.flip:
-                    o, l = o.flip(2), l.flip(2)
-                if rv is not None:
-                    o += rv[:, c.row, None]
-                _merge(acc[:, :, lo - r0 : hi - r0], m[:, :, lo - r0 : hi - r0], o, l)
-                del o, l
+                _band_forward(Band(plan, r0, r1), x, acc, m)
+            _tails_forward(plan, (r0, r1), x, acc, m)
         ctx.save_for_backward(q, k, v, rel_k, rel_v, z, lse)
         ctx.plan, ctx.scale = plan, scale
         return z
@@ -298,51 +197,63 @@ class _ShawFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         q, k, v, rel_k, rel_v, z, lse = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        B, T, N, H = q.shape
-        R = 2 * plan.K + 1
-        dz = _kernel_ready(dz)
-        qt, kt, vt, zt, dzt = (x.transpose(1, 2) for x in (q, k, v, z, dz))
-        rk = None if rel_k is None else _heads(rel_k, N)
-        rv = None if rel_v is None else _heads(rel_v, N)
-        lse = torch.where(torch.isfinite(lse), lse, 0.0)
-        dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-        dqt, dkt, dvt = (x.transpose(1, 2) for x in (dq, dk, dv))
-        drk = None if rk is None else q.new_zeros(N, R, H)
-        drv = None if rv is None else q.new_zeros(N, R, H)
+        plan = ctx.plan
+        x = _Inputs.of(q, k, v, rel_k, rel_v, ctx.scale)
+        o = _Output(z.transpose(1, 2), _kernel_ready(dz).transpose(1, 2), torch.where(torch.isfinite(lse), lse, 0.0))
+        g = _Grads.zeros(q, k, v, x, 2 * plan.K + 1)
         for r0, r1 in plan.chunks(plan.chunk):
-            out_row, out = None, zt[:, :, r0:r1]  # z - a^V of the tail being run, over the chunk
-            for c in plan.calls(r0, r1, tile=plan.chunk):
-                (lo, hi), (s0, s1), row = c.rows, c.keys, c.row
-                if c.flip:  # reversed copies of this triangle's rows and keys only
-                    if rv is not None:
-                        out_row, out = None, None
-                    cout = zt[:, :, lo:hi].flip(2)
-                    if rv is not None:
-                        cout -= rv[:, row, None]
-                else:
-                    if rv is not None and out_row != row:
-                        out_row, out = row, zt[:, :, r0:r1] - rv[:, row, None]
-                    cout = out[:, :, lo - r0 : hi - r0]
-                ck = _tail_keys(k, s0, s1, rk, c)
-                g = _flash_bwd(_take(dzt, lo, hi, c.flip), _take(qt, lo, hi, c.flip), ck, _take(vt, s0, s1, c.flip),
-                               cout, _take(lse, lo, hi, c.flip), 0.0, c.causal, scale=scale)
-                del ck, cout
-                if drk is not None:
-                    drk[:, row].add_(g[1].sum((0, 2)))
-                if drv is not None:
-                    drv[:, row].add_(g[2].sum((0, 2)))
-                for x, (a0, a1), gx in ((dqt, c.rows, g[0]), (dkt, c.keys, g[1]), (dvt, c.keys, g[2])):
-                    x[:, :, a0:a1].add_(gx.flip(2) if c.flip else gx)
-                del g, gx
-            del out
+            _tails_backward(plan, (r0, r1), x, o, g)
             if plan.K > 0:
-                _band_backward(_Band(plan, r0, r1), qt, kt, vt, zt, dzt, lse, rk, rv, scale, dqt, dkt, dvt, drk, drv)
-        if drk is not None:
-            drk = drk.sum(0) if rel_k.dim() == 2 else drk.transpose(0, 1)
-        if drv is not None:
-            drv = drv.sum(0) if rel_v.dim() == 2 else drv.transpose(0, 1)
-        return dq, dk, dv, drk, drv, None, None
+                _band_backward(Band(plan, r0, r1), x, o, g)
+        drk = None if g.drk is None else (g.drk.sum(0) if rel_k.dim() == 2 else g.drk.transpose(0, 1))
+        drv = None if g.drv is None else (g.drv.sum(0) if rel_v.dim() == 2 else g.drv.transpose(0, 1))
+        return g.dq, g.dk, g.dv, drk, drv, None, None
+
+
+def _tails_forward(plan, rows, x: _Inputs, acc, m):
+    """Merge every tail call of query rows [r0, r1) into acc [B, N, n, H] and m [B, N, n] by log-sum-exp."""
+    r0, _ = rows
+    for c in plan.calls(*rows):
+        (lo, hi), (s0, s1) = c.rows, c.keys
+        ck = _tail_keys(x.k, s0, s1, x.rk, c)
+        o, l = _flash(_take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip), 0.0, c.causal, scale=x.scale)
+        del ck
+        if c.flip:
+            o, l = o.flip(2), l.flip(2)
+        if x.rv is not None:
+            o += x.rv[:, c.row, None]
+        _merge(acc[:, :, lo - r0 : hi - r0], m[:, :, lo - r0 : hi - r0], o, l)
+        del o, l
+
+
+def _tails_backward(plan, rows, x: _Inputs, o: _Output, g: _Grads):
+    """Add the tails' share of query rows [r0, r1) into ``g``: one fused backward per call (tiled)."""
+    r0, r1 = rows
+    dqt, dkt, dvt = g.views
+    out_row, out = None, o.zt[:, :, r0:r1]  # z - a^V of the tail being run, over the chunk
+    for c in plan.calls(r0, r1, tile=plan.chunk):
+        (lo, hi), (s0, s1), row = c.rows, c.keys, c.row
+        if c.flip:  # reversed copies of this triangle's rows and keys only
+            if x.rv is not None:
+                out_row, out = None, None
+            cout = o.zt[:, :, lo:hi].flip(2)
+            if x.rv is not None:
+                cout -= x.rv[:, row, None]
+        else:
+            if x.rv is not None and out_row != row:
+                out_row, out = row, o.zt[:, :, r0:r1] - x.rv[:, row, None]
+            cout = out[:, :, lo - r0 : hi - r0]
+        ck = _tail_keys(x.k, s0, s1, x.rk, c)
+        d = _flash_bwd(_take(o.dzt, lo, hi, c.flip), _take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip),
+                       cout, _take(o.lse, lo, hi, c.flip), 0.0, c.causal, scale=x.scale)
+        del ck, cout
+        if g.drk is not None:
+            g.drk[:, row].add_(d[1].sum((0, 2)))
+        if g.drv is not None:
+            g.drv[:, row].add_(d[2].sum((0, 2)))
+        for t, (a0, a1), dt in ((dqt, c.rows, d[0]), (dkt, c.keys, d[1]), (dvt, c.keys, d[2])):
+            t[:, :, a0:a1].add_(dt.flip(2) if c.flip else dt)
+        del d, dt
 
 
 def _merge(acc, m, o, l):
@@ -351,61 +262,62 @@ def _merge(acc, m, o, l):
     torch.logaddexp(m, l, out=m)
 
 
-def _band_forward(band, qt, kt, vt, rk, rv, scale, acc, m):
+def _band_forward(band, x: _Inputs, acc, m):
     """Write the band's output and lse for rows [r0, r1) into acc [B, N, n, H] and m [B, N, n] (0, -inf: no entry)."""
     r0, r1 = band.rows
     K = band.K
-    qs = band.blocks(qt[:, :, r0:r1], scale)  # [B, N, nblk, b, H]: scale * q
-    s = torch.matmul(qs, band.windows(kt).transpose(-1, -2))  # [B, N, nblk, b, P * b]
-    if rk is not None:
-        band.diagonals(s).add_(_rows_times(qs, rk[:, 1 : 2 * K].transpose(-1, -2)))  # + scale q . a^K_ij
+    qs = band.blocks(x.qt[:, :, r0:r1], x.scale)  # [B, N, nblk, b, H]: scale * q
+    s = torch.matmul(qs, band.windows(x.kt).transpose(-1, -2))  # [B, N, nblk, b, P * b]
+    if x.rk is not None:
+        band.diagonals(s).add_(_rows_times(qs, x.rk[:, 1 : 2 * K].transpose(-1, -2)))  # + scale q . a^K_ij
     del qs
     s.masked_fill_(band.invalid(s.device), -torch.inf)
     mx = s.amax(-1).clamp_min_(torch.finfo(s.dtype).min)  # finite
     p = s.sub_(mx[..., None]).exp_()
     total = p.sum(-1)
-    o = torch.matmul(p, band.windows(vt))
-    if rv is not None:
-        o += _rows_times(band.diagonals(p), rv[:, 1 : 2 * K])
-    o /= total.clamp_min(torch.finfo(s.dtype).tiny)[..., None]
-    acc.copy_(band.unblocks(o))
+    out = torch.matmul(p, band.windows(x.vt))
+    if x.rv is not None:
+        out += _rows_times(band.diagonals(p), x.rv[:, 1 : 2 * K])
+    out /= total.clamp_min(torch.finfo(s.dtype).tiny)[..., None]
+    acc.copy_(band.unblocks(out))
     m.copy_(band.unblocks(mx.add_(total.log_())))
 
 
-def _band_backward(band, qt, kt, vt, zt, dzt, lse, rk, rv, scale, dqt, dkt, dvt, drk, drv):
-    """Add the band's share of rows [r0, r1) into dqt, dkt, dvt ([B, N, L, H] views) and drk, drv [N, R, H].
+def _band_backward(band, x: _Inputs, o: _Output, g: _Grads):
+    """Add the band's share of rows [r0, r1) into the gradients ``g``.
 
     Ordered so that at most about 7 chunk-sized buffers ([B, N, n, H]; a window counts P) are alive.
     """
     r0, r1 = band.rows
     K = band.K
-    dzb = band.blocks(dzt[:, :, r0:r1])
-    ds = torch.matmul(dzb, band.windows(vt).transpose(-1, -2))  # dz . v_j  [B, N, nblk, b, P * b]
-    if rv is not None:
-        band.diagonals(ds).add_(_rows_times(dzb, rv[:, 1 : 2 * K].transpose(-1, -2)))  # + dz . a^V_ij
-    ds.sub_(band.blocks((dzt[:, :, r0:r1] * zt[:, :, r0:r1]).sum(-1, keepdim=True)))  # - D, D = dz . z
-    qs = band.blocks(qt[:, :, r0:r1], scale)
-    k_win = band.windows(kt)
+    dqt, dkt, dvt = g.views
+    dzb = band.blocks(o.dzt[:, :, r0:r1])
+    ds = torch.matmul(dzb, band.windows(x.vt).transpose(-1, -2))  # dz . v_j  [B, N, nblk, b, P * b]
+    if x.rv is not None:
+        band.diagonals(ds).add_(_rows_times(dzb, x.rv[:, 1 : 2 * K].transpose(-1, -2)))  # + dz . a^V_ij
+    ds.sub_(band.blocks((o.dzt[:, :, r0:r1] * o.zt[:, :, r0:r1]).sum(-1, keepdim=True)))  # - D, D = dz . z
+    qs = band.blocks(x.qt[:, :, r0:r1], x.scale)
+    k_win = band.windows(x.kt)
     p = torch.matmul(qs, k_win.transpose(-1, -2))
-    if rk is not None:
-        band.diagonals(p).add_(_rows_times(qs, rk[:, 1 : 2 * K].transpose(-1, -2)))
+    if x.rk is not None:
+        band.diagonals(p).add_(_rows_times(qs, x.rk[:, 1 : 2 * K].transpose(-1, -2)))
     p.masked_fill_(band.invalid(p.device), -torch.inf)
-    p.sub_(band.blocks(lse[:, :, r0:r1, None])).exp_()  # probabilities; off-band entries are exp(-inf) = 0
+    p.sub_(band.blocks(o.lse[:, :, r0:r1, None])).exp_()  # probabilities; off-band entries are exp(-inf) = 0
     ds.mul_(p)  # d logits = p * (dz . (v_j + a^V_ij) - D)
     dq = torch.matmul(ds, k_win)
     del k_win
-    if rk is not None:
+    if x.rk is not None:
         dqa = band.diagonals(ds)  # [B, N, nblk, b, 2K - 1]: d logits per table row 1 .. 2K - 1
-        dq += _rows_times(dqa, rk[:, 1 : 2 * K])
-        drk[:, 1 : 2 * K].add_(_rows_dot(dqa, qs))
+        dq += _rows_times(dqa, x.rk[:, 1 : 2 * K])
+        g.drk[:, 1 : 2 * K].add_(_rows_dot(dqa, qs))
         del dqa
-    dqt[:, :, r0:r1].add_(band.unblocks(dq), alpha=scale)
+    dqt[:, :, r0:r1].add_(band.unblocks(dq), alpha=x.scale)
     del dq
     band.fold_into(torch.matmul(ds.transpose(-1, -2), qs), dkt)  # ds^T (scale q)
     del ds, qs
     band.fold_into(torch.matmul(p.transpose(-1, -2), dzb), dvt)
-    if rv is not None:
-        drv[:, 1 : 2 * K].add_(_rows_dot(band.diagonals(p), dzb))
+    if x.rv is not None:
+        g.drv[:, 1 : 2 * K].add_(_rows_dot(band.diagonals(p), dzb))
 
 
 def _rows_times(x, t):

@@ -1,0 +1,198 @@
+"""Which path ``relative_attention`` runs: a table of rules, read in order (PyTorch).
+
+Dimension legend as in ``attention.py``: B T S N.
+
+``_RULES`` lists the paths in the order "auto" tries them. Each rule says why its path cannot
+run for a call (``blocked``: a one-line reason, or None when it can run) and why "auto" should
+take it (``wanted``: a one-line reason, or None). "auto" takes the first rule that can run and
+wants to; a forced ``implementation=`` runs its rule's path or raises with the ``blocked``
+reason. The rules see a call only through ``_Case`` (sizes, dtype, device and the form of the
+arguments, never the tensors), so a test runs them on a grid of plain values, accelerators
+included, and compares the result with a literal table (docs/implementations.md prints it).
+
+Why this twin differs: the rules are the same and in the same order in both packages, but the
+Shaw path is a different algorithm in each, so its conditions differ. This package's banded
+Shaw path runs torch's fused CPU flash kernel on the clipped tails: it needs CPU float32 /
+float64 tensors, no mask, no dropout, an int q_offset and, when causal,
+q_offset + max(max_distance, 1) > S - T. It never holds [B, N, T, S] logits, so "auto" takes it
+at every size. The JAX Shaw path runs on any device and dtype, with masks and a traced
+q_offset, but holds the [B, N, T, S] logits, so there "auto" leaves long sequences to the
+blockwise path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from .einsum import AttentionArgs
+
+# "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
+# (2**27 float32 logits = 512 MiB per [B, N, T, S] tensor).
+LONG_SEQUENCE_THRESHOLD = 2**27
+_ALIASES = {"reference": "einsum"}  # deprecated name -> path
+
+
+class Choice(NamedTuple):
+    """The path that ``relative_attention`` runs for a call, and why.
+
+    Attributes:
+        name: the path: "einsum", "shaw" or "blockwise".
+        reason: one line saying why this path.
+    """
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Case:
+    """What the rules see of one call."""
+
+    B: int
+    T: int
+    S: int
+    N: int
+    dtype: str  # "float32", "float64", "bfloat16", "float16"
+    device: str  # torch device type: "cpu", "cuda", ...
+    form: str  # "none", "dense" (edge tensors), "table" (rel_ids) or "shaw" (max_distance)
+    masked: bool = False
+    is_causal: bool = False
+    dropout: bool = False
+    max_distance: int | None = None
+    q_offset: int | None = None  # the Shaw form's offset if a Python int; None for a tensor
+
+    @property
+    def logits(self) -> int:
+        return self.B * self.N * self.T * self.S
+
+
+@dataclass(frozen=True)
+class _Rule:
+    name: str
+    blocked: Callable[[_Case], str | None]  # why the path cannot run, or None
+    wanted: Callable[[_Case], str | None]  # why "auto" should take it, or None
+
+
+def _shaw_blocked(c: _Case) -> str | None:
+    if c.form != "shaw":
+        return "needs max_distance (the Shaw form)"
+    if c.masked:
+        return "needs no mask (this package's banded path)"
+    if c.dropout:
+        return "needs dropout_p=0"
+    if c.dtype not in ("float32", "float64"):
+        return f"needs float32/float64 tensors (this package's banded path), got {c.dtype}"
+    if c.device != "cpu":
+        return f"needs CPU tensors (this package's banded path), got {c.device}"
+    if c.q_offset is None:
+        return "needs an int q_offset (this package's banded path)"
+    if c.is_causal and not c.q_offset + max(c.max_distance, 1) > c.S - c.T:
+        return "needs, when causal, q_offset + max(max_distance, 1) > S - T"
+    return None
+
+
+def _shaw_wanted(c: _Case) -> str | None:
+    return "the Shaw form on CPU: the banded path never holds [B, N, T, S] logits"
+
+
+def _runs_anywhere(c: _Case) -> None:
+    return None
+
+
+def _blockwise_wanted(c: _Case) -> str | None:
+    if c.logits >= LONG_SEQUENCE_THRESHOLD:
+        return f"B * N * T * S = {c.logits} >= LONG_SEQUENCE_THRESHOLD: query blocks keep memory linear in S"
+    return None
+
+
+def _einsum_wanted(c: _Case) -> str:
+    return f"B * N * T * S = {c.logits} < LONG_SEQUENCE_THRESHOLD and no faster exact path fits"
+
+
+# The rules in the order "auto" tries them, the same order in both packages. A new path (the
+# fused kernel) is one _Rule placed where it should be tried, plus one branch in attention._run.
+_RULES = (
+    _Rule("shaw", _shaw_blocked, _shaw_wanted),
+    _Rule("blockwise", _runs_anywhere, _blockwise_wanted),
+    _Rule("einsum", _runs_anywhere, _einsum_wanted),
+)
+IMPLEMENTATIONS = ("auto", *(rule.name for rule in _RULES))
+
+
+def choose_implementation(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs, implementation: str | None = None
+) -> Choice:
+    """The path ``relative_attention`` runs for these inputs, with a one-line reason.
+
+    Does not check the inputs (``relative_attention`` does that first). The rules, in the
+    order "auto" tries them, are on the Implementations page of the docs.
+
+    Args:
+        q: queries [B, T, N, H].
+        k: keys [B, S, N, H].
+        v: values [B, S, N, H].
+        args: the other arguments of the call (``relattn_torch.einsum.AttentionArgs``).
+        implementation: None or "auto" for the rule table's choice, or a path name to force
+            ("reference" is a deprecated alias of "einsum").
+
+    Returns:
+        ``Choice(name, reason)``.
+
+    Raises:
+        ValueError: for an unknown name, or a forced path that cannot run these inputs.
+    """
+    return _choose(_case(q, k, args), implementation)
+
+
+def _choose(case: _Case, implementation: str | None = None) -> Choice:
+    """The first rule that can run and that "auto" wants, or the forced one."""
+    name = _resolve(implementation)
+    for rule in _RULES:
+        if name not in ("auto", rule.name):
+            continue
+        why_not = rule.blocked(case)
+        if name == rule.name:
+            if why_not is not None:
+                raise ValueError(f"implementation={name!r} {why_not}; use 'auto' to fall back")
+            return Choice(name, f"implementation={name!r} was asked for")
+        why = None if why_not is not None else rule.wanted(case)
+        if why is not None:
+            return Choice(rule.name, why)
+    raise AssertionError("the last rule (einsum) always runs")
+
+
+def _resolve(implementation: str | None) -> str:
+    name = "auto" if implementation is None else implementation
+    if name in _ALIASES:
+        warnings.warn(f"implementation={name!r} is deprecated: it is the einsum path, "
+                      f"implementation={_ALIASES[name]!r}", DeprecationWarning, stacklevel=5)  # the caller of relative_attention
+        return _ALIASES[name]
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return name
+
+
+def _case(q, k, args: AttentionArgs) -> _Case:
+    """The rules' view of a call: sizes, dtype, device and the form of the arguments."""
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    q_offset = args.q_offset
+    if args.max_distance is not None and q_offset is None:
+        q_offset = S - T
+    if not isinstance(q_offset, int) or isinstance(q_offset, bool):
+        q_offset = None
+    return _Case(B=B, T=T, S=S, N=N, dtype=str(q.dtype).removeprefix("torch."), device=q.device.type,
+                 form=_form(args), masked=args.mask is not None, is_causal=bool(args.is_causal),
+                 dropout=args.dropout_p > 0.0, max_distance=args.max_distance, q_offset=q_offset)
+
+
+def _form(args: AttentionArgs) -> str:
+    if args.max_distance is not None:
+        return "shaw"
+    if args.rel_ids is not None:
+        return "table"
+    return "none" if args.rel_k is None and args.rel_v is None else "dense"

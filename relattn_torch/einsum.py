@@ -1,0 +1,136 @@
+"""The einsum path: the equations written out over [B, N, T, S] logits (PyTorch).
+
+Dimension legend as in ``attention.py``: B T S N H R.
+
+Every path of ``relative_attention`` receives the checked arguments of one call as an
+``AttentionArgs``; this module defines it, the einsum path and ``masked_softmax``. It imports
+nothing from ``attention.py``: the other paths (``blockwise.py``, ``shaw.py``) call these pure
+functions directly, so no check runs twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _spec
+from .dense import edge_key_term, edge_value_term
+from .masks import causal_mask, combine_masks
+from .positions import relative_position_ids
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionArgs:
+    """The arguments of one ``relative_attention`` call besides q, k, v, checked and resolved.
+
+    ``relative_attention`` builds it once per call and hands it to the path it chose; the
+    fields mean what the arguments of ``relative_attention`` mean, with ``scale`` resolved to
+    a number and, in the Shaw form, ``q_offset`` resolved to S - T when none was given.
+    The JAX twin adds ``dropout_rng`` (torch draws from its global generator).
+    """
+
+    rel_k: torch.Tensor | None = None
+    rel_v: torch.Tensor | None = None
+    rel_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    scale: float = 1.0
+    dropout_p: float = 0.0
+    max_distance: int | None = None
+    q_offset: int | torch.Tensor | None = None
+
+
+def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
+    """Relative attention by einsums over the full [B, N, T, S] logits; no input checks.
+
+    Table and Shaw ids gather ``q . table`` and scatter the probabilities into table buckets;
+    dense edges with a head axis go through ``dense.py``'s in-place GEMMs.
+
+    Args:
+        q: queries [B, T, N, H].
+        k: keys [B, S, N, H].
+        v: values [B, S, N, H].
+        args: the checked arguments of the call (``relative_attention`` makes them).
+
+    Returns:
+        [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
+    """
+    d = _spec.Dims(B=q.shape[0], T=q.shape[1], S=k.shape[1], N=q.shape[2], H=q.shape[3])
+    rel_ids = args.rel_ids
+    if args.max_distance is not None:
+        rel_ids = relative_position_ids(d.T, d.S, args.max_distance, q_offset=args.q_offset, device=q.device)
+
+    logits = torch.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
+    if args.rel_k is not None:
+        logits = logits + _key_term(q, args.rel_k, rel_ids, d)
+    visible = combine_masks(args.mask, causal_mask(d.T, d.S, device=q.device) if args.is_causal else None)
+    probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
+    if args.dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=args.dropout_p, training=True)
+
+    out = torch.einsum("BNTS,BSNH->BTNH", probs, v)
+    if args.rel_v is not None:
+        out = out + _value_term(probs, args.rel_v, rel_ids, d)
+    return out
+
+
+def masked_softmax(logits: torch.Tensor, visible: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(logits * scale) over the last axis, in float32 for half inputs.
+
+    Masked entries get the dtype's most negative finite value (no -inf, no -1e20
+    overflow in half precision); rows with no visible entry come out as zeros.
+
+    Args:
+        logits: attention logits [..., S], e.g. [B, N, T, S].
+        visible: bool, broadcastable to ``logits``; True where the entry may be attended.
+            None means every entry is visible.
+        scale: factor applied to the logits before the softmax.
+
+    Returns:
+        The probabilities, shape and dtype of ``logits``; exactly 0 where not visible.
+    """
+    x = logits.float() if logits.dtype in _LOW_PRECISION else logits
+    x = x * scale
+    if visible is not None:
+        x = torch.where(visible, x, torch.finfo(x.dtype).min)
+    probs = torch.softmax(x, dim=-1)
+    if visible is not None:
+        probs = torch.where(visible, probs, 0.0)
+    return probs.to(logits.dtype)
+
+
+def _key_term(q, rel_k, rel_ids, d) -> torch.Tensor:
+    """q_i . a^K_ij as [B, N, T, S]."""
+    if rel_ids is None:
+        letters, edges = _edges("rel_k", rel_k, d)
+        return edge_key_term(q, edges, letters)
+    layout = _spec.table_layout("rel_k", tuple(rel_k.shape), d)
+    q_rel = torch.einsum(f"BTNH,{layout}->BNTR", q, rel_k)  # [B, N, T, R]
+    return torch.gather(q_rel, -1, _index(rel_ids, d))
+
+
+def _value_term(probs, rel_v, rel_ids, d) -> torch.Tensor:
+    """sum_j alpha_ij a^V_ij as [B, T, N, H]."""
+    if rel_ids is None:
+        letters, edges = _edges("rel_v", rel_v, d)
+        return edge_value_term(probs, edges, letters)
+    layout = _spec.table_layout("rel_v", tuple(rel_v.shape), d)
+    buckets = probs.new_zeros(d.B, d.N, d.T, rel_v.shape[0])  # [B, N, T, R]
+    buckets = buckets.scatter_add(-1, _index(rel_ids, d), probs)
+    return torch.einsum(f"BNTR,{layout}->BTNH", buckets, rel_v)
+
+
+def _edges(name, edges, d):
+    """A dense edge tensor and its einsum letters; size-1 T/S dims expand as a view."""
+    letters, squeezed, target = _spec.dense_edge_layout(name, tuple(edges.shape), d)
+    return letters, edges.reshape(squeezed).expand(target)
+
+
+def _index(rel_ids, d) -> torch.Tensor:
+    """rel_ids [T, S] or [B, T, S] as a gather index [B, N, T, S] (a view)."""
+    ids = rel_ids.long()
+    ids = ids.reshape(1, 1, d.T, d.S) if ids.dim() == 2 else ids.reshape(ids.shape[0], 1, d.T, d.S)
+    return ids.expand(d.B, d.N, d.T, d.S)
