@@ -273,6 +273,38 @@ def test_planted_bug_is_caught(monkeypatch, bug):
         _check(x, 3, interpret=True)
 
 
+def _values(jaxpr, inside=False):
+    """(where, aval) of every operand and result in jaxpr and the jaxprs nested in it; where is
+    "kernel" inside a Pallas kernel, "operand" for a pallas_call's operands, else "outside"."""
+    for eqn in jaxpr.eqns:
+        kernel = eqn.primitive.name == "pallas_call"
+        for var in [*eqn.invars, *eqn.outvars]:
+            if hasattr(var, "aval") and hasattr(var.aval, "dtype"):
+                yield ("kernel" if inside else "operand" if kernel else "outside"), var.aval
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _values(sub, inside or kernel)
+
+
+def test_32_bit_inside_the_kernels_under_x64():
+    """With jax_enable_x64 on (as in this test session), the kernels' operands are 32-bit or smaller
+    and no 64-bit value exists inside them but weak-typed scalar constants (folded into float32 or
+    int32 where they are used)."""
+    q, k, v = _small(T=20, S=30)
+    tables = (jnp.zeros((7, 16), jnp.float32), jnp.zeros((7, N, 16), jnp.float32))
+    loss = lambda *a: fused.fused_attention(*a, max_distance=3, is_causal=True, q_offset=jnp.asarray(4),
+                                            mask=jnp.ones((B, 1, 1, 30), bool), key_lengths=jnp.asarray([30, 9]),
+                                            interpret=True).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, *tables).jaxpr
+    values = list(_values(jaxpr))
+    assert {w for w, _ in values} == {"kernel", "operand", "outside"}
+    wide = [(w, a) for w, a in values if w != "outside" and a.dtype.itemsize > 4
+            and not (w == "kernel" and a.weak_type and a.shape == ())]
+    assert not wide, wide
+
+
 # --- lowering for the real targets, without a device ---------------------------------------------
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
