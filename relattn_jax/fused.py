@@ -101,18 +101,24 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=N
         x = jnp.transpose(x, (0, 2, 1, 3))
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, Hp - d.H)))
 
-    qa = None
-    if rel_k is not None:
-        layout_k = "RH" if rel_k.ndim == 2 else "RNH"
-        qa = jnp.einsum(f"BTNH,{layout_k}->BNTR", q.astype(jnp.float32), rel_k.astype(jnp.float32),
-                        precision=_HIGHEST) * scale  # [B, N, T, R], float32
-        qa = jnp.pad(qa, ((0, 0), (0, 0), (0, Tp - d.T), (0, Rp - qa.shape[-1])))
-    av = None
-    if rel_v is not None:
-        av = rel_v[None] if rel_v.ndim == 2 else jnp.transpose(rel_v, (1, 0, 2))  # [N or 1, R, H]
-        av = jnp.pad(av, ((0, 0), (0, Rp - av.shape[1]), (0, Hp - d.H)))
+    qa = None if rel_k is None else _key_table_product(q, rel_k, scale, Tp, Rp)
+    av = None if rel_v is None else _value_table(rel_v, Rp, Hp)
     out = _fused(cfg, meta, layout(q, Tp), layout(k, Sp), layout(v, Sp), qa, av, _tile_mask(mask, Tp, Sp))
     return jnp.transpose(out[:, :, : d.T, : d.H], (0, 2, 1, 3))
+
+
+def _key_table_product(q, rel_k, scale, Tp, Rp):
+    """qa = c q . A^K as float32 [B, N, Tp, Rp] (the small GEMM before the kernels; jax differentiates it)."""
+    layout = "RH" if rel_k.ndim == 2 else "RNH"
+    qa = jnp.einsum(f"BTNH,{layout}->BNTR", q.astype(jnp.float32), rel_k.astype(jnp.float32),
+                    precision=_HIGHEST) * scale  # [B, N, T, R]
+    return jnp.pad(qa, ((0, 0), (0, 0), (0, Tp - qa.shape[2]), (0, Rp - qa.shape[3])))
+
+
+def _value_table(rel_v, Rp, Hp):
+    """A^V as [N or 1, Rp, Hp] in its dtype (a shared table keeps one copy)."""
+    av = rel_v[None] if rel_v.ndim == 2 else jnp.transpose(rel_v, (1, 0, 2))  # [N or 1, R, H]
+    return jnp.pad(av, ((0, 0), (0, Rp - av.shape[1]), (0, Hp - av.shape[2])))
 
 
 def _platform(q=None) -> str:
