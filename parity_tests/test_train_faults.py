@@ -177,33 +177,67 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(framework, tmp
     assert [r["step"] for r in _metrics(out)] == [1]  # finite rows only (parsed strictly)
 
 
+INVALID = [
+    (["--lr", "nan"], "lr"),
+    (["--lr", "inf"], "lr"),
+    (["--lr", "-0.1"], "lr"),
+    (["--b1", "1.0"], "b1"),
+    (["--b2", "-0.5"], "b2"),
+    (["--weight-decay", "nan"], "weight_decay"),
+    (["--clip-norm", "0"], "clip_norm"),
+    (["--warmup-steps", "-1"], "warmup_steps"),
+    (["--seed", "-1"], "seed"),
+    (["--eval-scales", "0"], "eval_scales"),
+    (["--steps", "0"], "steps"),
+    (["--keep-checkpoints", "0"], "keep_checkpoints"),
+    (["--eps", "0"], "eps"),
+    (["--device", "gpu"], "device"),
+    (["--precision", "float16"], "precision"),
+    (["--num-heads", "3"], "embed_dim"),
+    (["--resume", "--overwrite"], "overwrite"),
+]
+
+_CLI_ONLY = """
+import contextlib, io, json, sys
+from train.__main__ import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append([code, err.getvalue()])
+loaded = sorted(m for m in ("jax", "torch", "flax") if m in sys.modules)
+print(json.dumps({"results": results, "loaded": loaded}))
+"""
+
+
+@pytest.fixture(scope="module")
+def invalid_runs(tmp_path_factory) -> dict:
+    """Every INVALID case through ``train.__main__.main`` for both commands, in one process."""
+    out = tmp_path_factory.mktemp("invalid") / "run"
+    argvs = [[fw, *TINY_FLAGS, "--out-dir", str(out), *flags] for fw in FRAMEWORKS for flags, _ in INVALID]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _CLI_ONLY, json.dumps(argvs)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["loaded"] == []  # flag values are checked before a framework loads
+    assert not out.exists()
+    return {(fw, i): tuple(r) for (fw, i), r in zip([(fw, i) for fw in FRAMEWORKS for i in range(len(INVALID))],
+                                                     report["results"])}
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize(
-    "flags, field",
-    [
-        (["--lr", "nan"], "lr"),
-        (["--lr", "inf"], "lr"),
-        (["--lr", "-0.1"], "lr"),
-        (["--b1", "1.0"], "b1"),
-        (["--b2", "-0.5"], "b2"),
-        (["--weight-decay", "nan"], "weight_decay"),
-        (["--clip-norm", "0"], "clip_norm"),
-        (["--warmup-steps", "-1"], "warmup_steps"),
-        (["--seed", "-1"], "seed"),
-        (["--eval-scales", "0"], "eval_scales"),
-        (["--steps", "0"], "steps"),
-        (["--keep-checkpoints", "0"], "keep_checkpoints"),
-        (["--eps", "0"], "eps"),
-        (["--device", "gpu"], "device"),
-        (["--precision", "float16"], "precision"),
-        (["--num-heads", "3"], "embed_dim"),
-        (["--resume", "--overwrite"], "overwrite"),
-    ],
-)
-def test_invalid_flag_values_exit_2_naming_the_field(framework, flags, field, tmp_path):
-    proc = _train(framework, tmp_path / "run", *flags)
-    _refused(proc, f"error: {field} ", code=2)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("case", range(len(INVALID)), ids=[" ".join(f) for f, _ in INVALID])
+def test_invalid_flag_values_exit_2_naming_the_field(invalid_runs, framework, case):
+    code, err = invalid_runs[framework, case]
+    field = INVALID[case][1]
+    assert code == 2, (code, err)
+    assert f"python -m train {framework}: error: {field} " in err, err
 
 
 # -- the torch twin on an explicit device, in bfloat16 autocast (in process) ---------------------
