@@ -14,6 +14,7 @@ stop a run exit 1, invalid flag values exit 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = __doc__
@@ -41,7 +42,7 @@ def run_command(command: str, rest: list[str]) -> None:
     distributed = command == "jax" and "--distributed" in rest
     rest = [a for a in rest if not (distributed and a == "--distributed")]
     cfg = parse_args(rest, prog=f"python -m train {command}", defaults={"out_dir": f"runs/{command}"})
-    if command != "demo":
+    if command != "demo" and not distributed and os.environ.get("WORLD_SIZE", "1") == "1":
         from .rundir import prepare
 
         prepare(cfg, is_writer=False)  # the directory checks, before a framework loads (read-only)
@@ -67,8 +68,6 @@ def init_distributed() -> None:
     Cloud TPU, SLURM and Open MPI are detected automatically; elsewhere set
     JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
-    import os
-
     import jax
 
     kw = {}

@@ -267,7 +267,8 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     """
     out = Path(cfg.out_dir)
     devices = select_devices(cfg.device) if devices is None else devices  # fails before out_dir is touched
-    is_resume = rundir.prepare(cfg, is_writer=jax.process_index() == 0)
+    # Process 0 claims or checks the directory; the others follow its decision.
+    is_resume = rundir.prepare(cfg) if jax.process_index() == 0 else cfg.resume
     _sync("relattn-train-prepare")
     trainer = Trainer(cfg, devices)
     manager = trainer.checkpointer()

@@ -42,8 +42,8 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
 
     Args:
         cfg: the ``TrainConfig`` of the run.
-        is_writer: False for the checks alone: on the processes of a multi-process run
-            that must not write, and for a check before the framework loads.
+        is_writer: False for the checks alone (``python -m train`` runs them before a
+            framework loads). In a multi-process run only process 0 calls this.
 
     Returns:
         True to resume from the directory's checkpoints, False to start from step 0.

@@ -263,7 +263,8 @@ def train(cfg: TrainConfig) -> dict:
             written before that are kept).
     """
     select_device(cfg.device)  # an unavailable device fails before out_dir is touched
-    is_resume = rundir.prepare(cfg, is_writer=int(os.environ.get("RANK", "0")) == 0)  # RANK: set by torchrun
+    # Rank 0 (RANK is set by torchrun) claims or checks the directory; the others follow its decision.
+    is_resume = rundir.prepare(cfg) if int(os.environ.get("RANK", "0")) == 0 else cfg.resume
     trainer = Trainer(cfg)
     if trainer.world > 1:
         import torch.distributed as dist
