@@ -157,6 +157,13 @@ def test_resume_with_changed_flags_is_refused(base_run, tmp_path, xla_cache):
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_overwrite_deletes_only_a_run_directory(framework, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    _refused(_train(framework, tmp_path, "--overwrite"), "is not a run directory", "left alone")
+    assert (tmp_path / "notes.txt").read_text() == "not a run"
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_resume_on_an_empty_or_missing_directory(framework, tmp_path):
     _refused(_train(framework, tmp_path / "missing", "--resume"), "there is no run", "--allow-fresh")
     assert not (tmp_path / "missing").exists()

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 CONFIG = "config.json"
+METRICS = "metrics.jsonl"
 # Fields that may differ between a run and its resumption: they change how the run is
 # logged, checkpointed or executed, not what it computes. ``steps`` may grow (checked apart).
 RESUMABLE = frozenset({"log_every", "ckpt_every", "keep_checkpoints", "progress", "resume", "overwrite",
@@ -63,6 +64,9 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
     if cfg.resume and not cfg.allow_fresh:
         raise RunError(f"--resume: there is no run in {out} (missing or empty directory); "
                        f"pass --allow-fresh to start a new run there from step 0")
+    if holds and cfg.overwrite and not looks_like_a_run(out):
+        raise RunError(f"--overwrite: {out} holds no {CONFIG}, {METRICS} or checkpoints/, so it is not a run "
+                       f"directory; it is left alone. Delete it yourself or choose another --out-dir")
     if holds and not cfg.overwrite:
         shown = ", ".join(holds[:5]) + (", ..." if len(holds) > 5 else "")
         raise RunError(f"out_dir {out} is not empty ({shown}): a fresh run never shares a directory with "
@@ -73,6 +77,11 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
             note(f"--resume --allow-fresh: nothing to resume in {out}, starting from step 0")
         start_fresh(cfg)
     return False
+
+
+def looks_like_a_run(out: Path) -> bool:
+    """True if ``out`` holds a trainer's files (--overwrite deletes nothing else: not a home or a repository)."""
+    return any((out / name).exists() for name in (CONFIG, METRICS, "checkpoints"))
 
 
 def start_fresh(cfg) -> None:
