@@ -63,7 +63,8 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=N
         k: keys [B, S, N, H], q's dtype.
         v: values [B, S, N, H], q's dtype.
         rel_k: key table A^K [R, H] (shared by heads) or [R, N, H], R = 2 * max_distance + 1, or None.
-        rel_v: value table A^V, same forms as ``rel_k``, or None.
+        rel_v: value table A^V, same forms as ``rel_k``, or None. With neither table the kernel is
+            plain flash attention (masks and causality still apply).
         max_distance: K; ids are clip(j - i - q_offset, -K, K) + K.
         q_offset: position of query 0 among the keys, a Python int or a 0-d integer tensor (read on
             the device, never synchronised); default S - T.
@@ -197,7 +198,10 @@ def _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths) -> 
     named = [(name, x) for name, x in named if x is not None]
     _spec.check_float_dtypes([(name, x.dtype) for name, x in named], lambda dt: dt.is_floating_point)
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    _spec.check_shaw(_shape(rel_k), _shape(rel_v), False, max_distance, q_offset is not None, d)
+    if rel_k is None and rel_v is None:  # plain attention; max_distance only has to be valid
+        _spec.check_positions(d.T, d.S, max_distance)
+    else:
+        _spec.check_shaw(_shape(rel_k), _shape(rel_v), False, max_distance, q_offset is not None, d)
     if _padded(d.H) > max(c.H for c in CONFIGS):
         raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in CONFIGS)}, got H = {d.H}")
     extra = [("mask", mask), ("key_lengths", key_lengths)]
@@ -294,9 +298,9 @@ def _kernels(interpret: bool):
     Triton reads TRITON_INTERPRET when a kernel is decorated, so a mode other than the one
     the environment gave at import loads a private copy of the module with the switch set.
     """
-    if interpret == _interpret_env():
-        from . import _fused_kernels
+    from . import _fused_kernels
 
+    if (type(_fused_kernels._fwd_kernel).__name__ == "InterpretedFunction") == interpret:
         return _fused_kernels
     path = os.path.join(os.path.dirname(__file__), "_fused_kernels.py")
     spec = importlib.util.spec_from_file_location(f"{__name__}_kernels_{'interpret' if interpret else 'compiled'}", path)
