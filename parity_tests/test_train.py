@@ -149,7 +149,7 @@ def test_torch_trainer_one_step(tmp_path, one_torch_thread):
     summary = train(cfg)
     _check_run(tmp_path, summary, cfg.vocab_size)
     assert (tmp_path / "checkpoints" / "step_00000001.pt").exists()
-    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(cfg.to_json())
+    assert json.loads((tmp_path / "config.json").read_text()) == {**json.loads(cfg.to_json()), "framework": "torch"}
 
 
 def test_resume_compares_the_checkpoint_config(tmp_path, one_torch_thread):

@@ -156,6 +156,14 @@ def test_resume_with_changed_flags_is_refused(base_run, tmp_path, xla_cache):
     assert _snapshot(out) == before
 
 
+def test_the_other_trainer_does_not_resume_a_run(base_run, tmp_path):
+    framework, out = _copy(base_run, tmp_path)
+    other = "torch" if framework == "jax" else "jax"
+    before = _snapshot(out)
+    _refused(_train(other, out, "--resume", "--allow-fresh"), f"holds a run of the {framework} trainer")
+    assert _snapshot(out) == before
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_overwrite_deletes_only_a_run_directory(framework, tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")

@@ -45,7 +45,7 @@ def run_command(command: str, rest: list[str]) -> None:
     if command != "demo" and not distributed and os.environ.get("WORLD_SIZE", "1") == "1":
         from .rundir import prepare
 
-        prepare(cfg, is_writer=False)  # the directory checks, before a framework loads (read-only)
+        prepare(cfg, command, is_writer=False)  # the directory checks, before a framework loads (read-only)
     if command == "demo":
         from .demo import run_demo
 

@@ -244,9 +244,9 @@ def resume(trainer: Trainer, manager) -> int:
     step, reasons = trainer.restore(manager)
     if step is not None:
         if jax.process_index() == 0:
-            rundir.write_config(trainer.cfg)  # the new --steps and logging fields
+            rundir.write_config(trainer.cfg, "jax")  # the new --steps and logging fields
         return step
-    rundir.nothing_to_resume(trainer.cfg, reasons, is_writer=jax.process_index() == 0)
+    rundir.nothing_to_resume(trainer.cfg, "jax", reasons, is_writer=jax.process_index() == 0)
     return 0
 
 
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     out = Path(cfg.out_dir)
     devices = select_devices(cfg.device) if devices is None else devices  # fails before out_dir is touched
     # Process 0 claims or checks the directory; the others follow its decision.
-    is_resume = rundir.prepare(cfg) if jax.process_index() == 0 else cfg.resume
+    is_resume = rundir.prepare(cfg, "jax") if jax.process_index() == 0 else cfg.resume
     _sync("relattn-train-prepare")
     trainer = Trainer(cfg, devices)
     manager = trainer.checkpointer()

@@ -38,11 +38,12 @@ def note(message: str) -> None:
     print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
-def prepare(cfg, *, is_writer: bool = True) -> bool:
+def prepare(cfg, framework: str, *, is_writer: bool = True) -> bool:
     """Check (and for a fresh run, clear and claim) ``cfg.out_dir``.
 
     Args:
         cfg: the ``TrainConfig`` of the run.
+        framework: "jax" or "torch", the trainer; a run is resumed only by its own trainer.
         is_writer: False for the checks alone (``python -m train`` runs them before a
             framework loads). In a multi-process run only process 0 calls this.
 
@@ -59,7 +60,7 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
     if cfg.resume and holds:
         saved = out / CONFIG
         if saved.exists():
-            check_resume(read_config(saved), cfg)
+            check_resume(read_config(saved), cfg, framework)
         return True  # the trainer writes config.json once a checkpoint is restored
     if cfg.resume and not cfg.allow_fresh:
         raise RunError(f"--resume: there is no run in {out} (missing or empty directory); "
@@ -75,7 +76,7 @@ def prepare(cfg, *, is_writer: bool = True) -> bool:
     if is_writer:
         if cfg.resume:
             note(f"--resume --allow-fresh: nothing to resume in {out}, starting from step 0")
-        start_fresh(cfg)
+        start_fresh(cfg, framework)
     return False
 
 
@@ -84,20 +85,21 @@ def looks_like_a_run(out: Path) -> bool:
     return any((out / name).exists() for name in (CONFIG, METRICS, "checkpoints"))
 
 
-def start_fresh(cfg) -> None:
+def start_fresh(cfg, framework: str) -> None:
     """Delete the directory's contents (if any) and write the run's config.json."""
     out = Path(cfg.out_dir)
     if out.is_dir() and any(out.iterdir()):
         note(f"deleting the previous contents of {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg)
+    write_config(cfg, framework)
 
 
-def write_config(cfg) -> None:
+def write_config(cfg, framework: str) -> None:
+    """``config.json``: the run's ``TrainConfig`` fields and ``"framework"`` (written atomically)."""
     path = Path(cfg.out_dir, CONFIG)
     tmp = path.with_name(CONFIG + ".tmp")
-    tmp.write_text(json.dumps(json.loads(cfg.to_json()), indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({**json.loads(cfg.to_json()), "framework": framework}, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
@@ -121,15 +123,19 @@ def changed_fields(saved: dict, cfg) -> list[str]:
     return changed
 
 
-def check_resume(saved, cfg) -> None:
+def check_resume(saved, cfg, framework: str | None = None) -> None:
     """Raise RunError listing the changed fields if ``cfg`` may not resume a run saved with ``saved``.
 
     Args:
         saved: the saved config, as a dict or as the JSON string in a checkpoint.
         cfg: the new ``TrainConfig``.
+        framework: the trainer that resumes; compared with the saved one when both are known.
     """
     if isinstance(saved, str):
         saved = json.loads(saved)
+    if framework and saved.get("framework", framework) != framework:
+        raise RunError(f"--resume: {cfg.out_dir} holds a run of the {saved['framework']} trainer; continue it "
+                       f"with python -m train {saved['framework']} --resume, or start this one elsewhere")
     changed = changed_fields(saved, cfg)
     if changed:
         shown = sorted(RESUMABLE - {"resume", "crash_at_step", "overwrite", "allow_fresh"})
@@ -140,11 +146,12 @@ def check_resume(saved, cfg) -> None:
                        f"--out-dir to train with other values")
 
 
-def nothing_to_resume(cfg, reasons: list[str], *, is_writer: bool = True) -> None:
+def nothing_to_resume(cfg, framework: str, reasons: list[str], *, is_writer: bool = True) -> None:
     """The directory holds no valid checkpoint: stop, or with ``--allow-fresh`` start from step 0.
 
     Args:
         cfg: the ``TrainConfig`` of the run.
+        framework: "jax" or "torch", the trainer.
         reasons: one line per checkpoint that failed validation (empty if there were none).
         is_writer: False on the processes that must not write.
     """
@@ -158,4 +165,4 @@ def nothing_to_resume(cfg, reasons: list[str], *, is_writer: bool = True) -> Non
                        f"another run; delete them or choose another --out-dir")
     note(f"--resume --allow-fresh: nothing valid to resume in {out} ({found}); starting from step 0")
     if is_writer:
-        start_fresh(cfg)
+        start_fresh(cfg, framework)

@@ -247,9 +247,9 @@ def resume(trainer: Trainer) -> int:
     step, reasons = trainer.restore()
     if step is not None:
         if trainer.rank == 0:
-            rundir.write_config(trainer.cfg)  # the new --steps and logging fields
+            rundir.write_config(trainer.cfg, "torch")  # the new --steps and logging fields
         return step
-    rundir.nothing_to_resume(trainer.cfg, reasons, is_writer=trainer.rank == 0)
+    rundir.nothing_to_resume(trainer.cfg, "torch", reasons, is_writer=trainer.rank == 0)
     trainer.build()  # a checkpoint that failed its checks may have been loaded in part
     return 0
 
@@ -264,7 +264,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     select_device(cfg.device)  # an unavailable device fails before out_dir is touched
     # Rank 0 (RANK is set by torchrun) claims or checks the directory; the others follow its decision.
-    is_resume = rundir.prepare(cfg) if int(os.environ.get("RANK", "0")) == 0 else cfg.resume
+    is_resume = rundir.prepare(cfg, "torch") if int(os.environ.get("RANK", "0")) == 0 else cfg.resume
     trainer = Trainer(cfg)
     if trainer.world > 1:
         import torch.distributed as dist
