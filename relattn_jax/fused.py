@@ -38,6 +38,10 @@ _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 _MIN_DIM = 16  # Triton's dot needs every tile dim >= 16; H and R are padded to powers of two >= this
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TPU_TILE = 128  # lanes of a TPU vector register
+# The forward's [BLOCK_T, R] float32 tiles (qa, C) pass through GPU shared memory: compiled for sm_90,
+# BLOCK_T x R = 64 x 256 took 192 KiB at H = 128 in float32 (a block may use 227 KiB), 64 x 512 twice
+# that. So BLOCK_T shrinks as R grows past 256.
+_TILE_ROWS_TIMES_IDS = 64 * 256
 _WARPS_SMALL_H, _WARPS_LARGE_H = 4, 8  # Triton warps per program for H <= 64 and above (as jax's attention)
 _PLANTED_BUG = None  # test hook: "band_edge", "dropped_bucket" or "gather" plants a known bug in the kernels
 
@@ -139,12 +143,12 @@ def _pow2(n: int) -> int:
 
 def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
     """The kernels' static config and padded sizes (Tp, Sp, Hp, Rp)."""
-    bt = min(BLOCK_T, _pow2(d.T))
+    Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
+    bt = max(_MIN_DIM, min(BLOCK_T, _pow2(d.T), _TILE_ROWS_TIMES_IDS // Rp))
     bs = min(BLOCK_S, _pow2(d.S))
     if platform == "tpu":  # Mosaic tiles: key tiles span whole 128-lane rows (of the mask in the column pass)
         bt, bs = max(bt, _TPU_TILE), max(bs, _TPU_TILE)
     Tp, Sp = -(-d.T // bt) * bt, -(-d.S // bs) * bs
-    Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
     mask_shape = None
     if mask is not None:
         m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
