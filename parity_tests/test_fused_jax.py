@@ -381,17 +381,18 @@ def test_triton_ir_compiles_for_sm90(monkeypatch, tmp_path):
         assert 0 < kernel.metadata.shared <= 227 * 1024
 
 
-@pytest.mark.parametrize("T, S, K, platform, tiles", [
-    (1000, 1000, 8, "gpu", (64, 64)),
-    (1, 50, 8, "gpu", (16, 64)),  # a decode step: the smallest query tile
-    (300, 300, 128, "gpu", (32, 64)),  # R = 257 -> 512 ids: fewer rows per tile (shared memory)
-    (300, 300, 300, "gpu", (16, 64)),
-    (40, 1000, 8, "tpu", (128, 128)),  # Mosaic: whole 128-lane tiles
+@pytest.mark.parametrize("T, S, H, K, platform, tiles", [
+    (1000, 1000, 64, 8, "gpu", (64, 64)),
+    (1, 50, 64, 8, "gpu", (16, 64)),  # a decode step: the smallest query tile
+    (300, 300, 64, 128, "gpu", (32, 64)),  # R = 257 -> 512 ids: fewer rows per tile (shared memory)
+    (300, 300, 64, 300, "gpu", (16, 64)),
+    (300, 300, 256, 8, "gpu", (32, 32)),  # wide heads: smaller tiles (shared memory)
+    (40, 1000, 64, 8, "tpu", (128, 128)),  # Mosaic: whole 128-lane tiles
 ])
-def test_tile_sizes(monkeypatch, T, S, K, platform, tiles):
+def test_tile_sizes(monkeypatch, T, S, H, K, platform, tiles):
     monkeypatch.setattr(fused, "BLOCK_T", 64)
     monkeypatch.setattr(fused, "BLOCK_S", 64)
-    d = fused._spec.Dims(B=1, T=T, S=S, N=1, H=64)
+    d = fused._spec.Dims(B=1, T=T, S=S, N=1, H=H)
     cfg, (Tp, Sp, _, _) = fused._config(d, K, 1.0, False, None, None, None, platform)
     assert (cfg.block_t, cfg.block_s) == tiles
     assert Tp % cfg.block_t == 0 and Sp % cfg.block_s == 0 and Tp - T < cfg.block_t and Sp - S < cfg.block_s

@@ -42,6 +42,8 @@ _TPU_TILE = 128  # lanes of a TPU vector register
 # BLOCK_T x R = 64 x 256 took 192 KiB at H = 128 in float32 (a block may use 227 KiB), 64 x 512 twice
 # that. So BLOCK_T shrinks as R grows past 256.
 _TILE_ROWS_TIMES_IDS = 64 * 256
+# Heads wider than 128: 32 x 32 tiles (the row pass took 272 KiB of shared memory at 64 x 64, H = 256).
+_WIDE_HEAD, _WIDE_HEAD_TILE = 128, 32
 _WARPS_SMALL_H, _WARPS_LARGE_H = 4, 8  # Triton warps per program for H <= 64 and above (as jax's attention)
 _PLANTED_BUG = None  # test hook: "band_edge", "dropped_bucket" or "gather" plants a known bug in the kernels
 
@@ -146,6 +148,8 @@ def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
     Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
     bt = max(_MIN_DIM, min(BLOCK_T, _pow2(d.T), _TILE_ROWS_TIMES_IDS // Rp))
     bs = min(BLOCK_S, _pow2(d.S))
+    if Hp > _WIDE_HEAD:
+        bt, bs = min(bt, _WIDE_HEAD_TILE), min(bs, _WIDE_HEAD_TILE)
     if platform == "tpu":  # Mosaic tiles: key tiles span whole 128-lane rows (of the mask in the column pass)
         bt, bs = max(bt, _TPU_TILE), max(bs, _TPU_TILE)
     Tp, Sp = -(-d.T // bt) * bt, -(-d.S // bs) * bs
