@@ -1,0 +1,221 @@
+"""Which path ``implementation="auto"`` picks: both packages' rule tables against one literal table.
+
+The rules see a call as a ``choice._Case`` (sizes, dtype, device, the form of the arguments), so
+the grid below runs them on plain values, accelerators included, without any accelerator; the
+CPU rows also go through the public ``choose_implementation`` with real arrays. The same table,
+with the reasons, is on docs/implementations.md.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+FRAMEWORKS = ["torch", "jax"]
+ACCELERATOR = {"torch": "cuda", "jax": "gpu"}  # what each framework calls the accelerator device
+K = 2  # max_distance of the Shaw rows
+SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
+    "small": (2, 64, 64, 4),
+    "below": (1, 4096, 4095, 8),
+    "at": (1, 4096, 4096, 8),
+}
+
+# form: none (no relation terms), dense (edge tensors), table (rel_ids), shaw (max_distance).
+# q_offset (Shaw rows): default (S - T), an int, or array (a tensor / jax array). accel: the
+# accelerator ("cuda" for torch, "gpu" for jax). The torch banded Shaw path needs CPU float32 /
+# float64, no mask, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
+# the jax Shaw path takes any of those, but leaves B * N * T * S >= 2**27 to blockwise.
+TABLE = """
+form   mask  causal  dropout  dtype     device  size   q_offset | torch      jax
+shaw   -     -       -        float32   cpu     small  default  | shaw       shaw
+shaw   -     -       -        float64   cpu     small  default  | shaw       shaw
+shaw   -     -       -        bfloat16  cpu     small  default  | einsum     shaw
+shaw   -     -       -        float16   cpu     small  default  | einsum     shaw
+shaw   -     -       -        float32   accel   small  default  | einsum     shaw
+shaw   -     -       -        bfloat16  accel   small  default  | einsum     shaw
+shaw   mask  -       -        float32   cpu     small  default  | einsum     shaw
+shaw   -     -       dropout  float32   cpu     small  default  | einsum     einsum
+shaw   -     causal  -        float32   cpu     small  default  | shaw       shaw
+shaw   -     causal  -        float32   cpu     small  -3       | einsum     shaw
+shaw   -     -       -        float32   cpu     small  -3       | shaw       shaw
+shaw   -     causal  -        float32   cpu     small  array    | einsum     shaw
+shaw   -     -       -        float32   cpu     below  default  | shaw       shaw
+shaw   -     -       -        float32   cpu     at     default  | shaw       blockwise
+shaw   -     causal  -        float32   cpu     at     default  | shaw       blockwise
+shaw   mask  -       -        float32   cpu     at     default  | blockwise  blockwise
+shaw   -     -       dropout  float32   cpu     at     default  | blockwise  blockwise
+shaw   -     -       -        float32   accel   at     default  | blockwise  blockwise
+table  -     -       -        float32   cpu     small  -        | einsum     einsum
+table  mask  causal  dropout  float32   cpu     small  -        | einsum     einsum
+table  -     -       -        bfloat16  accel   below  -        | einsum     einsum
+table  -     -       -        float32   cpu     at     -        | blockwise  blockwise
+dense  -     -       -        float64   cpu     small  -        | einsum     einsum
+dense  mask  causal  -        float32   accel   small  -        | einsum     einsum
+dense  -     -       -        float32   cpu     at     -        | blockwise  blockwise
+none   -     causal  -        float32   cpu     small  -        | einsum     einsum
+none   -     -       -        float32   accel   at     -        | blockwise  blockwise
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    form: str
+    masked: bool
+    is_causal: bool
+    dropout: bool
+    dtype: str
+    device: str  # "cpu" or "accel"
+    size: str
+    q_offset: str  # "default", an int, "array", or "-" (not the Shaw form)
+    expected: dict  # framework -> path
+
+    @property
+    def id(self) -> str:
+        flags = [f for f, on in (("mask", self.masked), ("causal", self.is_causal), ("dropout", self.dropout)) if on]
+        offset = [] if self.q_offset in ("-", "default") else [f"off{self.q_offset}"]
+        return "-".join([self.form, *flags, self.dtype, self.device, self.size, *offset])
+
+    def case(self, choice, fw):
+        """The rules' view of this row in framework ``fw`` (its ``choice._Case``)."""
+        B, T, S, N = SIZES[self.size]
+        if self.q_offset in ("array", "-"):
+            q_offset = None  # a tensor / array, or not the Shaw form
+        else:
+            q_offset = S - T if self.q_offset == "default" else int(self.q_offset)
+        device = ACCELERATOR[fw] if self.device == "accel" else "cpu"
+        return choice._Case(B=B, T=T, S=S, N=N, dtype=self.dtype, device=device, form=self.form, masked=self.masked,
+                            is_causal=self.is_causal, dropout=self.dropout,
+                            max_distance=K if self.form == "shaw" else None, q_offset=q_offset)
+
+
+def _parse(table: str) -> list[Row]:
+    lines = [line.split() for line in table.strip().splitlines()[1:]]
+    return [Row(form, mask == "mask", causal == "causal", dropout == "dropout", dtype, device, size, off,
+                {"torch": torch_path, "jax": jax_path})
+            for form, mask, causal, dropout, dtype, device, size, off, _, torch_path, jax_path in lines]
+
+
+ROWS = _parse(TABLE)
+
+
+def _choice(fw):
+    pytest.importorskip(fw)
+    import importlib
+
+    return importlib.import_module(f"relattn_{fw}.choice")
+
+
+def test_the_table_parses_into_every_form_and_both_sides_of_the_threshold():
+    assert len(ROWS) == len(TABLE.strip().splitlines()) - 1
+    assert {r.form for r in ROWS} == {"none", "dense", "table", "shaw"}
+    assert {r.size for r in ROWS} == set(SIZES)
+    B, T, S, N = SIZES["at"]
+    assert B * N * T * S == 2**27 and np.prod(SIZES["below"]) < 2**27
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_rule_table_matches_the_literal_table(row, fw):
+    choice = _choice(fw)
+    assert choice.LONG_SEQUENCE_THRESHOLD == 2**27
+    got = choice._choose(row.case(choice, fw))
+    assert got.name == row.expected[fw], got
+    assert got.reason and "\n" not in got.reason
+
+
+def test_both_packages_try_the_same_rules_in_the_same_order():
+    torch_rules = [r.name for r in _choice("torch")._RULES]
+    jax_rules = [r.name for r in _choice("jax")._RULES]
+    assert torch_rules == jax_rules == ["shaw", "blockwise", "einsum"]
+    assert _choice("torch").IMPLEMENTATIONS == _choice("jax").IMPLEMENTATIONS == ("auto", *torch_rules)
+
+
+def _arrays(fw, row):
+    """Real CPU inputs for ``choose_implementation``: q, k, v [B, T or S, N, 1] and the AttentionArgs.
+
+    The choice reads only shapes, dtype, device and which arguments are given, so the relation
+    terms and the mask are small stand-ins."""
+    B, T, S, N = SIZES[row.size]
+    if fw == "torch":
+        import torch
+
+        from relattn_torch.einsum import AttentionArgs
+
+        dt, ints = getattr(torch, row.dtype), torch.int64
+        arr = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    else:
+        import jax.numpy as jnp
+
+        from relattn_jax.einsum import AttentionArgs
+
+        dt, ints = getattr(jnp, row.dtype), jnp.int32
+        arr = lambda *shape, dtype=dt: jnp.zeros(shape, dtype=dtype)  # noqa: E731
+    q, k, v = arr(B, T, N, 1), arr(B, S, N, 1), arr(B, S, N, 1)
+    kw = dict(mask=arr(1, 1, 1, 1, dtype=bool) if row.masked else None, is_causal=row.is_causal,
+              dropout_p=0.1 if row.dropout else 0.0)
+    if row.form != "none":
+        kw["rel_k"] = arr(2 * K + 1, 1)
+    if row.form == "table":
+        kw["rel_ids"] = arr(T, 1, dtype=ints)
+    if row.form == "shaw":
+        kw["max_distance"] = K
+        if row.q_offset == "array":
+            kw["q_offset"] = arr(dtype=ints)
+        elif row.q_offset != "default":
+            kw["q_offset"] = int(row.q_offset)
+    return q, k, v, AttentionArgs(**kw)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("row", [r for r in ROWS if r.device == "cpu"], ids=lambda r: r.id)
+def test_choose_implementation_on_real_cpu_arrays(row, fw):
+    pytest.importorskip(fw)
+    lib = __import__(f"relattn_{fw}")
+    got = lib.choose_implementation(*_arrays(fw, row))
+    assert isinstance(got, lib.Choice) and got.name == row.expected[fw], got
+
+
+# implementation= forced: a path that cannot run says why; the torch banded path is narrower.
+FORCED = [
+    # implementation, row of TABLE (by id), torch, jax  (an error is "ValueError: <message part>")
+    ("shaw", "table-float32-cpu-small", "ValueError: needs max_distance", "ValueError: needs max_distance"),
+    ("shaw", "shaw-mask-float32-cpu-small", "ValueError: needs no mask", "shaw"),
+    ("shaw", "shaw-float32-accel-small", "ValueError: needs CPU tensors", "shaw"),
+    ("shaw", "shaw-bfloat16-cpu-small", "ValueError: needs float32/float64", "shaw"),
+    ("shaw", "shaw-causal-float32-cpu-small-off-3", "ValueError: q_offset + max(max_distance, 1) > S - T", "shaw"),
+    ("shaw", "shaw-dropout-float32-cpu-small", "ValueError: needs dropout_p=0", "ValueError: needs dropout_p=0"),
+    ("shaw", "shaw-float32-cpu-at", "shaw", "shaw"),
+    ("blockwise", "table-float32-cpu-small", "blockwise", "blockwise"),
+    ("einsum", "shaw-float32-cpu-at", "einsum", "einsum"),
+]
+BY_ID = {r.id: r for r in ROWS}
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("impl, row_id, torch_expected, jax_expected", FORCED, ids=[f"{f[0]}-{f[1]}" for f in FORCED])
+def test_forced_implementation(impl, row_id, torch_expected, jax_expected, fw):
+    choice = _choice(fw)
+    expected = {"torch": torch_expected, "jax": jax_expected}[fw]
+    case = BY_ID[row_id].case(choice, fw)
+    if expected.startswith("ValueError: "):
+        with pytest.raises(ValueError, match=f"implementation='{impl}' .*" + re.escape(expected.split(": ", 1)[1])):
+            choice._choose(case, impl)
+    else:
+        assert choice._choose(case, impl).name == expected
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_reference_is_a_deprecated_alias_of_einsum(fw):
+    choice = _choice(fw)
+    case = BY_ID["shaw-float32-cpu-small"].case(choice, fw)
+    with pytest.warns(DeprecationWarning, match="'reference' is deprecated"):
+        assert choice._choose(case, "reference").name == "einsum"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choice._choose(case, "einsum").name == "einsum"
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        choice._choose(case, "fast")
