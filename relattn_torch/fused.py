@@ -27,15 +27,17 @@ import torch
 from . import _spec
 
 Config = namedtuple("Config", "BLOCK_T BLOCK_S num_warps num_stages H")
-BLOCK_T = 64  # query rows per program
-BLOCK_S = 64  # key columns per tile
-# Every launch configuration, by padded head dim H (a power of two, at least 16, at most 256).
+BLOCK_T = 32  # query rows per program
+BLOCK_S = 32  # key columns per tile
+# Every launch configuration, by padded head dim H (a power of two, 16 to 256). Chosen from sm_90
+# and sm_80 compiles with every feature on (docs/fused-kernels-torch.md has the table): larger
+# tiles spill registers in the backward row pass.
 CONFIGS = (
     Config(BLOCK_T, BLOCK_S, 4, 2, 16),
-    Config(BLOCK_T, BLOCK_S, 4, 2, 32),
-    Config(BLOCK_T, BLOCK_S, 4, 2, 64),
+    Config(BLOCK_T, BLOCK_S, 8, 2, 32),
+    Config(BLOCK_T, BLOCK_S, 8, 2, 64),
     Config(BLOCK_T, BLOCK_S, 8, 2, 128),
-    Config(32, 32, 8, 1, 256),
+    Config(BLOCK_T, BLOCK_S, 8, 1, 256),
 )
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
