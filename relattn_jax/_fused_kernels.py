@@ -9,7 +9,8 @@ Dimension legend as in ``attention.py``: B T S N H R. Every array here is in the
 [B, N, T, H] / [B, N, S, H] with T, S padded to whole tiles and H, R padded to powers of two.
 One program handles one (batch, head, tile) triple:
     forward   grid (B, N, T / BLOCK_T): loop over key tiles, online softmax (m, l), acc and the
-              bucket masses C [BLOCK_T, R], all rescaled together; out = (acc + C @ A^V) / l.
+              bucket masses C [BLOCK_T, R], all rescaled together; o = acc / l and C / l (the
+              value term C @ A^V is one einsum after the kernel, as in the torch twin).
     row pass  grid (B, N, T / BLOCK_T): recompute p from lse; dq and E (bucket sums of ds).
     col pass  grid (B, N, S / BLOCK_S): loop over query tiles; dk and dv.
 Relation ids enter only through ``bucket`` and two tile loops over the ids a tile holds
@@ -144,7 +145,7 @@ def _key_tiles(cfg, scalars, i0):
     return lax.div(jnp.maximum(end + cfg.block_s - 1, 0), jnp.int32(cfg.block_s))  # operands >= 0: plain division
 
 
-def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, av_ref, mask_ref, o_ref, lse_ref, c_ref, *, cfg):
+def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, mask_ref, o_ref, lse_ref, c_ref, *, cfg):
     i0 = pl.program_id(2) * cfg.block_t
     scalars = _scalars(cfg, meta_ref)
     q = q_ref[...]  # [BLOCK_T, H]
@@ -174,13 +175,9 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, av_ref, mask_ref, o_ref, 
     m, l, acc, cm = lax.fori_loop(0, _key_tiles(cfg, scalars, i0), body, init)
     seen = l > 0.0  # rows that see no key: output 0, lse 0 (p is masked to 0 in the backward anyway)
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)  # [BLOCK_T, 1]
-    out = acc * inv
-    cm = cm * inv
-    if cfg.values:
-        out = out + _dot(cm, av_ref[...].astype(jnp.float32))
-    o_ref[...] = out.astype(o_ref.dtype)
+    o_ref[...] = acc * inv  # float32; the value term C @ A^V is added after the kernel
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-    c_ref[...] = cm
+    c_ref[...] = cm * inv
 
 
 def _probs_and_ds(cfg, tile, q, k, v, do, qa, gv, lse, dlt):
@@ -271,12 +268,6 @@ def _whole(length: int, width: int):
     return pl.BlockSpec((None, None, length, width), lambda b, n, x: (b, n, 0, 0))
 
 
-def _table(shape):
-    """A^V [N or 1, R, H]: the head's slice, or the shared one."""
-    per_head = shape[0] > 1
-    return pl.BlockSpec((None, shape[1], shape[2]), lambda b, n, x: (n if per_head else 0, 0, 0))
-
-
 def _mask(shape, by_rows: bool, block: int):
     """Tiles of a [B|1, N|1, T|1, S|1] mask: rows (forward, row pass) or keys (column pass) by the
     grid's tile index, the other axis whole; size-1 dims stay size 1 (they broadcast in the tile)."""
@@ -313,20 +304,21 @@ def _call(cfg, kernel, grid, in_specs, out_specs, out_shape, name):
                           interpret=cfg.platform == "interpret", name=name)
 
 
-def forward(cfg, meta, q, k, v, qa, av, mask):
-    """out [B, N, T, H] (q.dtype), lse [B, N, T, 1] and bucket masses C [B, N, T, R] (float32)."""
+def forward(cfg, meta, q, k, v, qa, r_values, mask):
+    """o = sum_j p_ij v_j [B, N, T, H], lse [B, N, T, 1] and the bucket masses C [B, N, T, R] (R =
+    ``r_values``, 1 without a value table), all float32."""
     B, N, T, H = q.shape
     S = k.shape[2]
     bt = cfg.block_t
-    R = av.shape[1] if cfg.values else 1
+    R = r_values
     in_specs = [_meta(cfg, meta), _tiled(bt, H), _whole(S, H), _whole(S, H),
-                _tiled(bt, qa.shape[-1]) if cfg.keys else None, _table(av.shape) if cfg.values else None,
+                _tiled(bt, qa.shape[-1]) if cfg.keys else None,
                 _mask(mask.shape, True, bt) if mask is not None else None]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32),
                  jax.ShapeDtypeStruct((B, N, T, R), jnp.float32)]
     out_specs = [_tiled(bt, H), _tiled(bt, 1), _tiled(bt, R)]
     return _call(cfg, _fwd_kernel, (B, N, T // bt), in_specs, out_specs, out_shape, "relattn_fused_fwd")(
-        meta, q, k, v, qa, av, mask)
+        meta, q, k, v, qa, mask)
 
 
 def backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, do):

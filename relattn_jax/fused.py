@@ -7,7 +7,8 @@ Forward, per (batch, head, BLOCK_T query rows), over tiles of BLOCK_S keys:
     s = c q k^T + qa[r_ij]         qa = c q . A^K [T, R], one small GEMM before the kernel
     online softmax: running max m and sum l per row; acc += p v; bucket masses C [BLOCK_T, R] += the
     sums of p per relation id (acc and C rescaled together by exp(m_old - m_new))
-    out = acc / l + (C / l) @ A^V; lse = m + log l and C are kept for the backward.
+    o = acc / l and C / l; lse = m + log l and C are kept for the backward.
+Then out = o + C @ A^V, one small GEMM after the kernel (as the torch twin does).
 Backward: D = rowsum(dO * out), gv = dO . A^V [T, R] (small GEMMs); a row pass recomputes p from lse
 and makes dq and E (bucket sums of ds = p (dO v^T + gv[r_ij] - D)); a column pass makes dk and dv.
 The table gradients c E^T Q and C^T dO, and dq's c E A^K, are plain einsums outside the kernels
@@ -182,14 +183,18 @@ def _fused(cfg, meta, q, k, v, qa, av, mask):
 
 
 def _fused_fwd(cfg, meta, q, k, v, qa, av, mask):
-    out, lse, c = kernels.forward(cfg, meta, q, k, v, qa, av, mask)
-    return out, (meta, q, k, v, qa, av, mask, out, lse, c)
+    out, lse, c = kernels.forward(cfg, meta, q, k, v, qa, 1 if av is None else av.shape[1], mask)
+    if av is not None:  # the value term C @ A^V: one GEMM after the kernel (float32)
+        shared = av.shape[0] == 1
+        table = (av[0] if shared else av).astype(jnp.float32)
+        out = out + jnp.einsum(f"BNTR,{'RH' if shared else 'NRH'}->BNTH", c, table, precision=_HIGHEST)
+    return out.astype(q.dtype), (meta, q, k, v, qa, av, mask, out, lse, c)
 
 
 def _fused_bwd(cfg, res, g):
     meta, q, k, v, qa, av, mask, out, lse, c = res
     g32 = g.astype(jnp.float32)
-    dlt = jnp.einsum("BNTH,BNTH->BNT", g32, out.astype(jnp.float32), precision=_HIGHEST)[..., None]
+    dlt = jnp.einsum("BNTH,BNTH->BNT", g32, out, precision=_HIGHEST)[..., None]  # out: float32
     gv, dav = None, None
     if cfg.values:
         av_heads = jnp.broadcast_to(av, (q.shape[1], *av.shape[1:])).astype(jnp.float32)
