@@ -39,10 +39,6 @@ _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 _MIN_DIM = 16  # Triton's dot needs every tile dim >= 16; H and R are padded to powers of two >= this
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TPU_TILE = 128  # lanes of a TPU vector register
-# The forward's [BLOCK_T, R] float32 tiles (qa, C) pass through GPU shared memory: compiled for sm_90,
-# BLOCK_T x R = 64 x 256 took 192 KiB at H = 128 in float32 (a block may use 227 KiB), 64 x 512 twice
-# that. So BLOCK_T shrinks as R grows past 256.
-_TILE_ROWS_TIMES_IDS = 64 * 256
 # Heads wider than 128: 32 x 32 tiles (the row pass took 272 KiB of shared memory at 64 x 64, H = 256).
 _WIDE_HEAD, _WIDE_HEAD_TILE = 128, 32
 _WARPS_SMALL_H, _WARPS_LARGE_H = 4, 8  # Triton warps per program for H <= 64 and above (as jax's attention)
@@ -147,7 +143,7 @@ def _pow2(n: int) -> int:
 def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
     """The kernels' static config and padded sizes (Tp, Sp, Hp, Rp)."""
     Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
-    bt = max(_MIN_DIM, min(BLOCK_T, _pow2(d.T), _TILE_ROWS_TIMES_IDS // Rp))
+    bt = min(BLOCK_T, _pow2(d.T))
     bs = min(BLOCK_S, _pow2(d.S))
     if Hp > _WIDE_HEAD:
         bt, bs = min(bt, _WIDE_HEAD_TILE), min(bs, _WIDE_HEAD_TILE)
