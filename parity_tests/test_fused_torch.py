@@ -280,6 +280,8 @@ def test_unavailable_reasons(monkeypatch):
     assert "CUDA" in unavailable(torch.zeros(1))
     with pytest.raises(RuntimeError, match="CUDA"):
         fused_attention(*_make(1, 4, 4, 1, 16, 1), max_distance=1)
+    with pytest.raises(RuntimeError, match="but it was imported with it"):  # triton is interpreting
+        fused._kernels(False)
 
 
 def test_imports_without_triton():

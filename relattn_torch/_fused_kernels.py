@@ -1,9 +1,9 @@
 """Triton kernels of the fused Shaw attention; ``relattn_torch/fused.py`` launches them.
 
-relattn_jax has no twin of this module: Triton decides at import time whether ``@triton.jit`` builds
-interpreter or compiled kernels (``TRITON_INTERPRET``), so the kernels sit in a module that
-``fused.py`` imports lazily, and only when triton is installed. The Pallas kernels need neither and
-live in ``relattn_jax/fused.py`` itself.
+Twin of ``relattn_jax/_fused_kernels.py`` (the Pallas kernels): both packages keep the public
+function, checks and gradient wiring in ``fused.py`` and the kernels here. Here the split also lets
+``fused.py`` import triton lazily: this module imports it at the top, and Triton decides when it is
+first imported whether ``@triton.jit`` builds interpreter or compiled kernels (``TRITON_INTERPRET``).
 
 Per (batch, head) and block of ``BLOCK_T`` query rows, with ids r_ij = bucket(j - i - q_offset):
 

@@ -7,12 +7,14 @@ Ids r_ij = clip(j - i - q_offset, -K, K) + K with K = max_distance and R = 2K + 
 key tiles of ``BLOCK_S`` columns for each block of ``BLOCK_T`` query rows with an online softmax:
 logits c * (q_i . k_j + qa_i[r_ij]), qa = q . A^K [B, N, T, R] made by one GEMM before the kernel and
 gathered only in tiles that cross the band |j - i - q_offset| < K. Kept per row: max, sum, the output
-accumulator and the bucket masses C [T, R] (rescaled like the accumulator), from which the value
-term C @ A^V is added after the kernel. Saved for the backward: lse and C, O(B * N * T * R).
-The backward recomputes p from q, k, qa and lse: a row pass makes dq and the bucket sums E of ds,
-a column pass makes dk and dv, and the table gradients c * E^T Q and C^T dO are plain reductions.
-No [B, N, T, S] tensor is ever written and no atomics are used. The kernels live in
-``_fused_kernels.py``; the design note docs/fused-kernels-torch.md has the measured numbers.
+accumulator and the masses of the clipped buckets 0 and 2K (rescaled like the accumulator); a band
+bucket holds one key per row, so its mass exp(logit - lse) comes from the logit the kernel writes.
+The value term C @ A^V is added to the float32 output after the kernel. Saved for the backward:
+lse and the bucket masses C [B, N, T, R]. The backward recomputes p from q, k, qa and lse: a row
+pass makes dq and the bucket sums E of ds, a column pass makes dk and dv, and the table gradients
+c * E^T Q and C^T dO are plain reductions. No [B, N, T, S] tensor is ever written and no atomics
+are used. The kernels live in ``_fused_kernels.py``; docs/fused-kernels-torch.md has the measured
+numbers.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=N
         scale: logit scale; default 1 / sqrt(H).
         mask: bool, broadcastable to [B, N, T, S]; True means the query may attend the key. Read
             tile by tile through its strides, never expanded in memory.
-        key_lengths: integer [B]; key j is visible iff j < key_lengths[b].
+        key_lengths: integer [B]; key j is visible iff j < key_lengths[b] (copied to q's device).
         interpret: run Triton's CPU interpreter; None means iff the environment has TRITON_INTERPRET=1.
+            It must match how triton was first imported (Triton reads the variable then).
 
     Returns:
         [B, T, N, H] in q's dtype (softmax and sums in float32). A query that sees no key returns
@@ -106,7 +109,6 @@ class _FusedShaw(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_k, rel_v, qoff, mask, kl, launch):
         q, k, v = (x.contiguous() for x in (q, k, v))
-        B, T, N, H = q.shape
         qa = None if rel_k is None else _table_product(q, rel_k)  # [B, N, T, R]
         o, lse, c = _forward(q, k, v, qa, rel_v is not None, qoff, mask, kl, launch)
         if rel_v is not None:
@@ -145,7 +147,7 @@ def _forward(q, k, v, qa, want_c, qoff, mask, kl, launch):
         return o.zero_(), lse.fill_(float("-inf")), None if c is None else c.zero_()
     args = _common_args(q, k, v, qa, None, mask, kl, qoff, launch)
     kernels = _kernels(launch.interpret)
-    kernels._fwd_kernel[(triton_cdiv(T, cfg.BLOCK_T), B * N)](
+    kernels._fwd_kernel[(_cdiv(T, cfg.BLOCK_T), B * N)](
         q, k, v, _or(qa, qoff), args["mask"], _or(kl, qoff), qoff, o, lse, _or(c, qoff), *args["strides"],
         T, k.shape[1], N, launch.scale, HAS_C=want_c, **args["constexprs"])
     if want_c:  # band buckets hold logits: their mass is exp(logit - lse); unseen rows get 0
@@ -167,9 +169,9 @@ def _backward(q, k, v, dout, qa, gv, lse, delta, qoff, mask, kl, launch):
     shared = (q, k, v, dout, _or(qa, qoff), _or(gv, qoff), lse, delta, args["mask"], _or(kl, qoff), qoff)
     tail = (*args["strides"], T, S, N, launch.scale)
     if B * N * T > 0 and S > 0:
-        kernels._bwd_rows_kernel[(triton_cdiv(T, cfg.BLOCK_T), B * N)](
+        kernels._bwd_rows_kernel[(_cdiv(T, cfg.BLOCK_T), B * N)](
             *shared, dq, _or(e, qoff), *tail, HAS_GV=gv is not None, **args["constexprs"])
-        kernels._bwd_cols_kernel[(triton_cdiv(S, cfg.BLOCK_S), B * N)](
+        kernels._bwd_cols_kernel[(_cdiv(S, cfg.BLOCK_S), B * N)](
             *shared, dk, dv, *tail, HAS_GV=gv is not None, **args["constexprs"])
     return dq, e, dk, dv
 
@@ -206,10 +208,8 @@ def _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths) -> 
         _spec.check_shaw(_shape(rel_k), _shape(rel_v), False, max_distance, q_offset is not None, d)
     if _padded(d.H) > max(c.H for c in CONFIGS):
         raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in CONFIGS)}, got H = {d.H}")
-    extra = [("mask", mask), ("key_lengths", key_lengths)]
-    if isinstance(q_offset, torch.Tensor):
-        extra.append(("q_offset", q_offset))
-    for name, x in named[1:] + [(n, x) for n, x in extra if x is not None]:
+    # key_lengths and a tensor q_offset are small and may live on the host; they are copied over.
+    for name, x in named[1:] + ([("mask", mask)] if mask is not None else []):
         if x.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
     if mask is not None:
@@ -265,7 +265,7 @@ def _or(x, fallback):
     return fallback if x is None else x
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -295,25 +295,16 @@ def _device_reason(q, interpret: bool) -> str | None:
 
 @functools.cache
 def _kernels(interpret: bool):
-    """The kernel module, with ``@triton.jit`` resolved in the requested mode.
+    """The kernel module; Triton's mode is fixed by TRITON_INTERPRET when triton is first imported."""
+    import triton.language.standard as standard
 
-    Triton reads TRITON_INTERPRET when a kernel is decorated, so a mode other than the one
-    the environment gave at import loads a private copy of the module with the switch set.
-    """
+    imported_interpreting = type(standard.sum).__name__ == "InterpretedFunction"
+    if interpret != imported_interpreting:
+        raise RuntimeError(
+            f"fused_attention(interpret={interpret}) needs triton imported "
+            f"{'with' if interpret else 'without'} TRITON_INTERPRET=1 set, but it was imported "
+            f"{'with' if imported_interpreting else 'without'} it; set the variable before triton's first import"
+        )
     from . import _fused_kernels
 
-    if (type(_fused_kernels._fwd_kernel).__name__ == "InterpretedFunction") == interpret:
-        return _fused_kernels
-    path = os.path.join(os.path.dirname(__file__), "_fused_kernels.py")
-    spec = importlib.util.spec_from_file_location(f"{__name__}_kernels_{'interpret' if interpret else 'compiled'}", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
+    return _fused_kernels
