@@ -111,8 +111,9 @@ def test_bench_case_memory_is_measured_against_each_contestants_own_baseline():
     pytest.importorskip("torch")
     spec = dict(framework="torch", case=dict(B=1, S=2048, N=2, H=8, K=2, causal=False, mode="fwd"),
                 impls=["naive_shaw", "floor"], repeats=1, memory=True, threads=1)
-    run = subprocess.run([sys.executable, "-m", "bench.case", json.dumps(spec)], cwd=Path(__file__).parents[1],
-                         capture_output=True, text=True, timeout=300)
+    root = Path(__file__).parents[1]
+    run = subprocess.run([sys.executable, "-m", "bench.case", json.dumps(spec)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     mem = json.loads(run.stdout.strip().splitlines()[-1])
     logits_mib = 1 * 2 * 2048 * 2048 * 4 / 2**20

@@ -219,3 +219,18 @@ def test_reference_is_a_deprecated_alias_of_einsum(fw):
         assert choice._choose(case, "einsum").name == "einsum"
     with pytest.raises(ValueError, match="implementation must be None or one of"):
         choice._choose(case, "fast")
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_relative_attention_runs_einsum_for_the_deprecated_name(fw):
+    """The warning points at the caller of relative_attention, and the result is the einsum path's."""
+    from .backends import backend
+
+    be = backend(fw)
+    rng = np.random.default_rng(0)
+    x = {n: rng.normal(size=(1, 4, 2, 3)) for n in ("q", "k", "v")}
+    x["rel_k"] = rng.normal(size=(5, 3))
+    with pytest.warns(DeprecationWarning, match="'reference' is deprecated") as record:
+        old = be.attention(x, max_distance=2, implementation="reference")
+    assert record[0].filename.endswith("backends.py")  # TorchBackend / JaxBackend.attention called it
+    np.testing.assert_array_equal(old, be.attention(x, max_distance=2, implementation="einsum"))

@@ -1,5 +1,12 @@
 """Linear-memory relative attention: query blocks, each recomputed in the backward (JAX).
 
+Why this twin differs: ``lax.map`` traces one block body, so every block must have the same
+shape: the rows are zero-padded to whole blocks and each block's rows are cut with
+``dynamic_slice``. In the Shaw form (without dropout) each block takes this package's Shaw
+path, which accepts the block's causal rows as a mask. The torch twin loops over blocks in
+Python, with a shorter last block, and every block takes the einsum path (its Shaw path
+takes no mask).
+
 Dimension legend as in ``attention.py``: B T S N H R.
 
 The queries are cut into blocks of ``BLOCK_ROWS`` rows (the last one zero-padded). ``lax.map``
@@ -7,13 +14,6 @@ runs one block at a time under ``jax.checkpoint``: each block computes its rows 
 ``shaw`` / ``einsum`` paths do (its slice of rel_ids / dense edges / mask, its own causal rows
 and Shaw offset), and the backward recomputes it, so only one block's [B, N, block, S] logits
 exist at a time: peak memory is O(B N block S + B (T + S) N H), linear in S for a fixed block.
-
-Why this twin differs: ``lax.map`` traces one block body, so every block must have the same
-shape: the rows are zero-padded to whole blocks and each block's rows are cut with
-``dynamic_slice``. In the Shaw form (without dropout) each block takes this package's Shaw
-path, which accepts the block's causal rows as a mask. The torch twin loops over blocks in
-Python, with a shorter last block, and every block takes the einsum path (its Shaw path
-takes no mask).
 """
 
 from __future__ import annotations

@@ -1,5 +1,14 @@
 """Which path ``relative_attention`` runs: a table of rules, read in order (JAX).
 
+Why this twin differs: the rules are the same and in the same order in both packages, but the
+Shaw path is a different algorithm in each, so its conditions differ. This package's Shaw path
+maps the clipped ids through one expand / reduce pair: it runs on any backend and dtype, with
+masks and a traced q_offset, but like any XLA attention it holds [B, N, T, S] logits, so
+"auto" takes it only below ``LONG_SEQUENCE_THRESHOLD`` and leaves longer sequences to the
+blockwise path (whose blocks then take the Shaw path). The torch twin's banded Shaw path never
+holds those logits and takes every size, but only CPU float32/float64 tensors, no mask and an
+int q_offset.
+
 Dimension legend as in ``attention.py``: B T S N.
 
 ``_RULES`` lists the paths in the order "auto" tries them. Each rule says why its path cannot
@@ -9,15 +18,6 @@ wants to; a forced ``implementation=`` runs its rule's path or raises with the `
 reason. The rules see a call only through ``_Case`` (sizes, dtype, device and the form of the
 arguments, never the tensors), so a test runs them on a grid of plain values, accelerators
 included, and compares the result with a literal table (docs/implementations.md prints it).
-
-Why this twin differs: the rules are the same and in the same order in both packages, but the
-Shaw path is a different algorithm in each, so its conditions differ. This package's Shaw path
-maps the clipped ids through one expand / reduce pair: it runs on any backend and dtype, with
-masks and a traced q_offset, but like any XLA attention it holds [B, N, T, S] logits, so
-"auto" takes it only below ``LONG_SEQUENCE_THRESHOLD`` and leaves longer sequences to the
-blockwise path (whose blocks then take the Shaw path). The torch twin's banded Shaw path never
-holds those logits and takes every size, but only CPU float32/float64 tensors, no mask and an
-int q_offset.
 """
 
 from __future__ import annotations
@@ -106,8 +106,11 @@ def _einsum_wanted(c: _Case) -> str:
     return f"B * N * T * S = {c.logits} < LONG_SEQUENCE_THRESHOLD and no faster exact path fits"
 
 
-# The rules in the order "auto" tries them, the same order in both packages. A new path (the
-# fused kernel) is one _Rule placed where it should be tried, plus one branch in attention._run.
+# The rules in the order "auto" tries them, the same order in both packages. A new path is one
+# _Rule placed where "auto" should try it, plus one branch in attention._run. The fused kernel's
+# rule goes first: blocked unless the Shaw form, dropout_p = 0, float32 / float16 / bfloat16 and
+# the gpu or tpu backend (or its interpreter switch); test_dispatch.py's literal table then
+# changes where it wins.
 _RULES = (
     _Rule("shaw", _shaw_blocked, _shaw_wanted),
     _Rule("blockwise", _runs_anywhere, _blockwise_wanted),
@@ -161,8 +164,9 @@ def _choose(case: _Case, implementation: str | None = None) -> Choice:
 def _resolve(implementation: str | None) -> str:
     name = "auto" if implementation is None else implementation
     if name in _ALIASES:
+        # stacklevel 5: the caller of relative_attention (via choose_implementation, _choose)
         warnings.warn(f"implementation={name!r} is deprecated: it is the einsum path, "
-                      f"implementation={_ALIASES[name]!r}", DeprecationWarning, stacklevel=5)  # the caller of relative_attention
+                      f"implementation={_ALIASES[name]!r}", DeprecationWarning, stacklevel=5)
         return _ALIASES[name]
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")

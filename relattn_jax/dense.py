@@ -1,5 +1,12 @@
 """The dense-edge terms of relation-aware attention, reading each edge tensor in place (JAX).
 
+Why this twin differs: the torch twin computes the same functions with the same block-diagonal
+GEMMs, but its value term reads the diagonal of one [T, B * N, N * H] product, its heads form
+groups that bound the wasted flops, and its backward is a custom autograd function that writes
+each edge gradient once into a NumPy-allocated buffer. Here XLA fuses the value term's
+multiply-reduce and differentiates both terms itself (a custom VJP written with these forms was
+slower).
+
 Dimension legend as in ``attention.py``: B T S N H; inside this file C is the flattened (N, H)
 axis and M a second head axis (the block-diagonal copy's columns).
 
@@ -15,13 +22,6 @@ Their automatic derivatives are GEMMs and fused loops of the same kind, and forw
 differentiation keeps working. The measured times are on the Performance page of the docs.
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no transpose.
 Like any GEMM form, an inf in the edges turns into NaN through the zero blocks (0 * inf).
-
-Why this twin differs: the torch twin computes the same functions with the same block-diagonal
-GEMMs, but its value term reads the diagonal of one [T, B * N, N * H] product, its heads form
-groups that bound the wasted flops, and its backward is a custom autograd function that writes
-each edge gradient once into a NumPy-allocated buffer. Here XLA fuses the value term's
-multiply-reduce and differentiates both terms itself (a custom VJP written with these forms was
-slower).
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """Autoregressive generation with a KV cache: greedy and seeded temperature sampling.
 
+Why this twin differs: a Python loop of jax calls dispatches every op from the host, so the
+default loop here is one jitted program (prefill, then a ``lax.scan`` over the decode steps) on
+a model split into graph and state; the step is a function of its own (``_decode_step``) so
+that both loops share it, and each draw takes the key ``fold_in(key(seed), step)``. The torch
+twin runs an eager loop under ``torch.no_grad`` with one seeded ``torch.Generator``.
+
 Works with any NNX model offering ``init_cache(batch_size, max_length, dtype=...)``
 and ``model(tokens [B, T], *, cache=...) -> (logits [B, T, V], cache)``, e.g.
 ``DecoderLM``. The twin of ``relattn_torch/generate.py`` (the same tokens for greedy
@@ -10,12 +16,6 @@ Two loops give the same tokens: ``loop="scan"`` (default) jits prefill and a
 tokens and temperature; ``loop="eager"`` runs the same functions op by op in Python.
 The cache has fixed-size buffers, so the scan body (and a jitted ``_decode_step``) is
 traced once however full the cache is.
-
-Why this twin differs: a Python loop of jax calls dispatches every op from the host, so the
-default loop here is one jitted program (prefill, then a ``lax.scan`` over the decode steps) on
-a model split into graph and state; the step is a function of its own (``_decode_step``) so
-that both loops share it, and each draw takes the key ``fold_in(key(seed), step)``. The torch
-twin runs an eager loop under ``torch.no_grad`` with one seeded ``torch.Generator``.
 """
 
 from __future__ import annotations

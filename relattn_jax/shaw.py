@@ -1,5 +1,11 @@
 """Exact Shaw attention with the clipped structure exploited on both sides (JAX).
 
+Why this twin differs: the torch twin runs the clipped tails in torch's fused CPU flash
+kernel and only the band by hand, so it never holds [B, N, T, S] logits, but that kernel takes
+no mask, no dropout, only CPU float32/float64 and an int q_offset. XLA has no such kernel, so
+here both relation terms are one expand / reduce pair over the full logits, which works on any
+backend and dtype with any mask and a traced q_offset. Both compute exactly the same function.
+
 Dimension legend as in ``attention.py``: B T S N H R.
 
 Shaw ids r_ij = clip(j - i - q_offset, -K, K) + K (K = max_distance, R = 2K + 1). Both relation
@@ -14,12 +20,6 @@ does (each such array also costs page faults on every step). XLA on CPU has no f
 kernel: like ``jax.nn.dot_product_attention`` itself, this path holds [B, N, T, S] logits;
 ``blockwise.py`` bounds that for long sequences. ``q_offset`` may be traced, and any mask is
 accepted.
-
-Why this twin differs: the torch twin runs the clipped tails in torch's fused CPU flash
-kernel and only the band by hand, so it never holds [B, N, T, S] logits, but that kernel takes
-no mask, no dropout, only CPU float32/float64 and an int q_offset. XLA has no such kernel, so
-here both relation terms are one expand / reduce pair over the full logits, which works on any
-backend and dtype with any mask and a traced q_offset. Both compute exactly the same function.
 """
 
 from __future__ import annotations

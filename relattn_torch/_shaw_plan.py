@@ -74,13 +74,13 @@ def _left(r0, r1, S, c, tile):
 class Plan:
     """Chunks of query rows and the band's geometry: block n of b rows meets keys n * b + j_min + [0, P * b).
 
-    ``chunk_elements`` is about B * N * H * (query rows per backward chunk).
+    ``chunk``: query rows per backward chunk, a multiple of the band block ``block``.
     """
 
-    def __init__(self, BNH, T, S, q_offset, K, causal_offset, block, chunk_elements):
+    def __init__(self, T, S, q_offset, K, causal_offset, block, chunk):
         self.T, self.S, self.q_offset, self.K, self.causal_offset = T, S, q_offset, K, causal_offset
         self.b = b = block
-        self.chunk = max(1, chunk_elements // max(1, BNH) // b) * b  # backward rows per chunk
+        self.chunk = chunk
         self.P = max(1, -(-(b + 2 * K - 2) // b))
         self.j_min = q_offset - K + 1  # key of window column 0 in block 0
         self._invalid = None

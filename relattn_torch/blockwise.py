@@ -1,5 +1,11 @@
 """Linear-memory relative attention: query blocks, each recomputed in the backward (PyTorch).
 
+Why this twin differs: here a Python loop runs the blocks (each under
+``torch.utils.checkpoint``) and every block takes the einsum path, since this package's Shaw
+path takes no mask and a block's causal rows arrive as one. The JAX twin runs the blocks with
+``lax.map`` over zero-padded blocks of equal size (one traced body, so XLA compiles it once)
+under ``jax.checkpoint``, and in the Shaw form each block takes its Shaw path.
+
 Dimension legend as in ``attention.py``: B T S N H R.
 
 The queries are cut into blocks of ``BLOCK_ROWS`` rows. Each block runs the einsum path on its
@@ -7,12 +13,6 @@ rows (its slice of rel_ids / dense edges / mask, its own causal rows and Shaw of
 activation checkpointing, so only one block's [B, N, block, S] logits exist at a time, forward
 or backward: peak memory is O(B N block S + B (T + S) N H), linear in S for a fixed block.
 Exact: every query row is computed exactly as in the einsum path.
-
-Why this twin differs: here a Python loop runs the blocks (each under
-``torch.utils.checkpoint``) and every block takes the einsum path, since this package's Shaw
-path takes no mask and a block's causal rows arrive as one. The JAX twin runs the blocks with
-``lax.map`` over zero-padded blocks of equal size (one traced body, so XLA compiles it once)
-under ``jax.checkpoint``, and in the Shaw form each block takes its Shaw path.
 """
 
 from __future__ import annotations

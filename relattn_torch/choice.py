@@ -1,5 +1,14 @@
 """Which path ``relative_attention`` runs: a table of rules, read in order (PyTorch).
 
+Why this twin differs: the rules are the same and in the same order in both packages, but the
+Shaw path is a different algorithm in each, so its conditions differ. This package's banded
+Shaw path runs torch's fused CPU flash kernel on the clipped tails: it needs CPU float32 /
+float64 tensors, no mask, no dropout, an int q_offset and, when causal,
+q_offset + max(max_distance, 1) > S - T. It never holds [B, N, T, S] logits, so "auto" takes it
+at every size. The JAX Shaw path runs on any device and dtype, with masks and a traced
+q_offset, but holds the [B, N, T, S] logits, so there "auto" leaves long sequences to the
+blockwise path.
+
 Dimension legend as in ``attention.py``: B T S N.
 
 ``_RULES`` lists the paths in the order "auto" tries them. Each rule says why its path cannot
@@ -9,15 +18,6 @@ wants to; a forced ``implementation=`` runs its rule's path or raises with the `
 reason. The rules see a call only through ``_Case`` (sizes, dtype, device and the form of the
 arguments, never the tensors), so a test runs them on a grid of plain values, accelerators
 included, and compares the result with a literal table (docs/implementations.md prints it).
-
-Why this twin differs: the rules are the same and in the same order in both packages, but the
-Shaw path is a different algorithm in each, so its conditions differ. This package's banded
-Shaw path runs torch's fused CPU flash kernel on the clipped tails: it needs CPU float32 /
-float64 tensors, no mask, no dropout, an int q_offset and, when causal,
-q_offset + max(max_distance, 1) > S - T. It never holds [B, N, T, S] logits, so "auto" takes it
-at every size. The JAX Shaw path runs on any device and dtype, with masks and a traced
-q_offset, but holds the [B, N, T, S] logits, so there "auto" leaves long sequences to the
-blockwise path.
 """
 
 from __future__ import annotations
@@ -113,8 +113,11 @@ def _einsum_wanted(c: _Case) -> str:
     return f"B * N * T * S = {c.logits} < LONG_SEQUENCE_THRESHOLD and no faster exact path fits"
 
 
-# The rules in the order "auto" tries them, the same order in both packages. A new path (the
-# fused kernel) is one _Rule placed where it should be tried, plus one branch in attention._run.
+# The rules in the order "auto" tries them, the same order in both packages. A new path is one
+# _Rule placed where "auto" should try it, plus one branch in attention._run. The fused kernel's
+# rule goes first: blocked unless the Shaw form, dropout_p = 0, float32 / float16 / bfloat16 and
+# CUDA tensors (or its interpreter switch); test_dispatch.py's literal table then
+# changes where it wins.
 _RULES = (
     _Rule("shaw", _shaw_blocked, _shaw_wanted),
     _Rule("blockwise", _runs_anywhere, _blockwise_wanted),
@@ -168,8 +171,9 @@ def _choose(case: _Case, implementation: str | None = None) -> Choice:
 def _resolve(implementation: str | None) -> str:
     name = "auto" if implementation is None else implementation
     if name in _ALIASES:
+        # stacklevel 5: the caller of relative_attention (via choose_implementation, _choose)
         warnings.warn(f"implementation={name!r} is deprecated: it is the einsum path, "
-                      f"implementation={_ALIASES[name]!r}", DeprecationWarning, stacklevel=5)  # the caller of relative_attention
+                      f"implementation={_ALIASES[name]!r}", DeprecationWarning, stacklevel=5)
         return _ALIASES[name]
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")

@@ -1,5 +1,12 @@
 """The dense-edge terms of relation-aware attention, reading each edge tensor in place (PyTorch).
 
+Why this twin differs: the JAX twin computes the key term and the edge gradients with the same
+block-diagonal GEMMs, but leaves the derivatives to automatic differentiation and writes its
+value term as a fused multiply-reduce over S, which XLA runs as fast. Torch's autograd would
+keep the [T, B * N, N * H] products and allocate each edge gradient with torch's allocator, so
+here the value term reads the diagonal of one GEMM and the backward is written out, with head
+groups and NumPy-allocated gradient buffers.
+
 Dimension legend as in ``attention.py``: B T S N H.
 
 For edges with a head axis, [T, S, N, H] or [B, T, S, N, H], every edge element meets only B (or
@@ -18,13 +25,6 @@ differentiable), and it writes each edge gradient into a buffer from NumPy's all
 advises huge pages (``_empty_edges``). The measured times are on the Performance page of the docs.
 Shared edges [T, S, H] and [B, T, S, H] keep the plain einsum, which needs no copy.
 Like any GEMM form, an inf in the edges turns into NaN through the zero blocks (0 * inf).
-
-Why this twin differs: the JAX twin computes the key term and the edge gradients with the same
-block-diagonal GEMMs, but leaves the derivatives to automatic differentiation and writes its
-value term as a fused multiply-reduce over S, which XLA runs as fast. Torch's autograd would
-keep the [T, B * N, N * H] products and allocate each edge gradient with torch's allocator, so
-here the value term reads the diagonal of one GEMM and the backward is written out, with head
-groups and NumPy-allocated gradient buffers.
 """
 
 from __future__ import annotations

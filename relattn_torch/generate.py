@@ -1,14 +1,14 @@
 """Autoregressive generation with a KV cache: greedy and seeded temperature sampling.
 
-Works with any model offering ``init_cache(batch_size, max_length, dtype=...)`` and
-``model(tokens [B, T], *, cache=...) -> (logits [B, T, V], cache)``, e.g. ``DecoderLM``.
-The twin of ``relattn_jax/generate.py`` (the same tokens for greedy decoding with the
-same weights; sampled tokens differ, the two frameworks' random streams differ).
-
 Why this twin differs: torch runs an eager loop well (each op is dispatched as it comes), so
 this is one loop under ``torch.no_grad`` with one seeded ``torch.Generator`` for the draws. The
 JAX twin compiles the whole loop (a jitted prefill and a ``lax.scan`` over the decode steps, with
 the step as a function of its own) and folds the step number into its key for each draw.
+
+Works with any model offering ``init_cache(batch_size, max_length, dtype=...)`` and
+``model(tokens [B, T], *, cache=...) -> (logits [B, T, V], cache)``, e.g. ``DecoderLM``.
+The twin of ``relattn_jax/generate.py`` (the same tokens for greedy decoding with the
+same weights; sampled tokens differ, the two frameworks' random streams differ).
 """
 
 from __future__ import annotations

@@ -1,5 +1,13 @@
 """Exact Shaw attention: fused attention on the clipped tails, O(T*k) work on the band (PyTorch).
 
+Why this twin differs: torch has a fused attention kernel on CPU and XLA has none, so this
+path runs the tails in that kernel and only the band by hand, never holding [B, N, T, S]
+logits; the plan of calls and band blocks lives in the private ``_shaw_plan.py``. The kernel
+takes no mask and no dropout, only CPU float32/float64 tensors and an int q_offset, so
+``choice.py`` sends other calls elsewhere. The JAX twin maps the clipped ids through one
+expand / reduce pair over the full logits, which takes any mask, dtype and traced q_offset.
+Both compute exactly the same function.
+
 Dimension legend as in ``attention.py``: B T S N H R. U below is one [B, T, N, H] buffer.
 
 Shaw ids r_ij = clip(j - i - q_offset, -K, K) + K (K = max_distance, R = 2K + 1) split each
@@ -10,17 +18,19 @@ query row into three key sets, d = j - i - q_offset:
 On a tail the key term is one table row and so is the value term, so a tail is plain attention
 with keys k + a^K_tail: torch's fused CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``
 and its backward) runs it, reading strided [B, N, L, H] views of our [B, L, N, H] tensors and
-skipping the masked blocks of a causal call. The band runs in blocks of ``_BAND_BLOCK`` query rows, each
-against a window of P * block keys (P = ceil((block + 2K - 2) / block)), by batched matmuls; its
-key / value table terms go through a skewed strided view of a block's [block, P * block] logits
-(entry [u, u + r] is the band entry of table row r + 1; no gather, no index tensor).
+skipping the masked blocks of a causal call. The band runs in blocks of ``_BAND_BLOCK`` query
+rows, each against a window of P * block keys (P = ceil((block + 2K - 2) / block)), by batched
+matmuls; its key / value table terms go through a skewed strided view of a block's
+[block, P * block] logits (entry [u, u + r] is the band entry of table row r + 1; no gather, no
+index tensor).
 
-Chunks (``_shaw_plan.Plan``). The backward cuts the query rows into chunks of C rows, C * B * N * H about
-``_CHUNK_ELEMENTS`` (C a multiple of ``block``; C = 1024 for B N H = 2 8 64, so 2 chunks at T = 2048,
-8 at T = 8192); the forward, which keeps fewer buffers per row, uses chunks of 2C. For rows
-[r0, r1) a tail is a rectangle of keys that every row sees plus a triangle of at most C^2 / 2
-entries (``_shaw_plan.tail_calls``): the left triangle is a top-left causal call; the right one, mirrored, a
-causal call on reversed copies of only that triangle's rows and keys. The backward also cuts
+Chunks (``_shaw_plan.Plan``). The backward cuts the query rows into chunks of C rows,
+C * B * N * H about ``_CHUNK_ELEMENTS`` (C a multiple of ``block``; C = 1024 for B N H = 2 8 64,
+so 2 chunks at T = 2048, 8 at T = 8192); the forward, which keeps fewer buffers per row, uses
+chunks of 2C. For rows [r0, r1) a tail is a rectangle of keys that every row sees plus a
+triangle of at most C^2 / 2 entries (``_shaw_plan.tail_calls``): the left triangle is a top-left
+causal call; the right one, mirrored, a causal call on reversed copies of only that triangle's
+rows and keys. The backward also cuts
 every rectangle into tiles of at most C keys.
 
 Forward, per chunk: the band writes its output and log-sum-exp into the chunk's rows of z
@@ -41,14 +51,6 @@ kernel's dq / dk / dv and its own scratch, the reversed copies of one triangle, 
 windows, logits and gradients. At B, S, N, H = 2, 8192, 8, 64 that is under 1 U on top of the 6 U
 that any attention backward holds (output, cotangent, dz, dq, dk, dv). No [B, N, T, S] tensor
 exists in either direction; memory is linear in T and S.
-
-Why this twin differs: torch has a fused attention kernel on CPU and XLA has none, so this
-path runs the tails in that kernel and only the band by hand, never holding [B, N, T, S]
-logits; the plan of calls and band blocks lives in the private ``_shaw_plan.py``. The kernel
-takes no mask and no dropout, only CPU float32/float64 tensors and an int q_offset, so
-``choice.py`` sends other calls elsewhere. The JAX twin maps the clipped ids through one
-expand / reduce pair over the full logits, which takes any mask, dtype and traced q_offset.
-Both compute exactly the same function.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
         raise ValueError("the banded Shaw path takes max_distance, no mask and no dropout")
     B, T, N, H = q.shape
     S = k.shape[1]
-    plan = Plan(B * N * H, T, S, args.q_offset, args.max_distance, S - T if args.is_causal else None,
-                _BAND_BLOCK, _CHUNK_ELEMENTS)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N * H) // _BAND_BLOCK) * _BAND_BLOCK  # backward rows per chunk
+    plan = Plan(T, S, args.q_offset, args.max_distance, S - T if args.is_causal else None, _BAND_BLOCK, chunk)
     return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, args.scale)
 
 
