@@ -30,9 +30,10 @@ TILE = 16
 ARGS = ("q", "k", "v", "rel_k", "rel_v")
 # XLA CPU compiles the interpreted kernels ~3x faster without its optimisation passes and fusion emitters.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-# float32: the brief's bound. Half precision: the kernel rounds p to the input dtype before p @ v (as
-# flash attention does) and the output once more; with unit-roundoff u (float16 2**-11, bfloat16 2**-8)
-# and O(1) logits, errors of a few u * |ref| are expected; the bounds are ~3x the measured maxima.
+# float32: 2e-5 * max(1, |ref|). Half precision: the kernel rounds p to the input dtype before p @ v
+# (as flash attention does) and the output once more, so with unit roundoff u (float16 2**-11,
+# bfloat16 2**-8) and O(1) logits errors of a few u * |ref| are expected: the parity cases measured
+# up to 2.3 u (outputs and all gradients); the bounds are 8 u.
 TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 
 
