@@ -148,7 +148,7 @@ def test_parity(T, S, H, K, q_offset, causal, shared, keys, values):
 
 def test_no_tables_and_square_mask_via_env_switch(monkeypatch):
     """Neither table: plain attention; a [1, 1, T, S] mask; interpret=None reads the env switch."""
-    monkeypatch.setenv(fused.INTERPRET_ENV, "1")
+    monkeypatch.setenv(fused._INTERPRET_ENV, "1")
     x = _inputs(1, 41, 50, 32, 3, keys=False, values=False)
     mask = np.random.default_rng(2).random((1, 1, 41, 50)) < 0.7
     _check(x, 3, mask=mask)
@@ -313,7 +313,7 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def _export(platform, dtype, grad, monkeypatch):
     """jax.export of the fused forward (or the gradient of a loss) for ``platform``; returns the module text."""
-    monkeypatch.delenv(fused.INTERPRET_ENV, raising=False)
+    monkeypatch.delenv(fused._INTERPRET_ENV, raising=False)
     monkeypatch.setattr(fused, "_platform", lambda q=None: "gpu" if platform == "cuda" else platform)
     Bx, T, S, Nx, H, K = 2, 128, 192, 4, 64, 8
     sd = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
@@ -400,14 +400,14 @@ def test_tile_sizes(monkeypatch, T, S, H, K, platform, tiles):
 # --- availability and argument errors -------------------------------------------------------------
 
 def test_unavailable_on_cpu(monkeypatch):
-    monkeypatch.delenv(fused.INTERPRET_ENV, raising=False)
+    monkeypatch.delenv(fused._INTERPRET_ENV, raising=False)
     q = jnp.zeros((1, 4, 1, 16), jnp.float32)
     if jax.default_backend() == "cpu":
         reason = fused.unavailable(q)
-        assert isinstance(reason, str) and fused.INTERPRET_ENV in reason
+        assert isinstance(reason, str) and fused._INTERPRET_ENV in reason
         with pytest.raises(RuntimeError, match="GPU or TPU"):
             fused.fused_attention(q, q, q, max_distance=1)
-    monkeypatch.setenv(fused.INTERPRET_ENV, "1")
+    monkeypatch.setenv(fused._INTERPRET_ENV, "1")
     assert fused.unavailable(q) is None
 
 

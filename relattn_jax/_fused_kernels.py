@@ -15,7 +15,8 @@ One program handles one (batch, head, tile) triple:
     col pass  grid (B, N, S / BLOCK_S): loop over query tiles; dk and dv.
 Relation ids enter only through ``bucket`` and two tile loops over the ids a tile holds
 (``_expand`` reads a [BLOCK_T, R] table at the ids, ``_reduce`` sums a tile into buckets): no gather,
-which Pallas' Triton lowering lacks, and no [B, N, T, S] array anywhere.
+which Pallas' Triton lowering lacks, and no [B, N, T, S] array anywhere. As in the twin, ``bucket`` is
+the one public name; ``fused.py`` calls the launches ``_forward`` and ``_backward``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _NUM_STAGES = 2  # Triton software-pipelining stages of the tile loops (as in ja
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class _Config:
     """Static sizes and switches of one call (hashable: it keys jax's trace caches)."""
 
     T: int  # true query length (rows >= T are padding)
@@ -304,7 +305,7 @@ def _call(cfg, kernel, grid, in_specs, out_specs, out_shape, name):
                           interpret=cfg.platform == "interpret", name=name)
 
 
-def forward(cfg, meta, q, k, v, qa, r_values, mask):
+def _forward(cfg, meta, q, k, v, qa, r_values, mask):
     """o = sum_j p_ij v_j [B, N, T, H], lse [B, N, T, 1] and the bucket masses C [B, N, T, R] (R =
     ``r_values``, 1 without a value table), all float32."""
     B, N, T, H = q.shape
@@ -321,7 +322,7 @@ def forward(cfg, meta, q, k, v, qa, r_values, mask):
         meta, q, k, v, qa, mask)
 
 
-def backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, do):
+def _backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, do):
     """dq (float32, without the table term), E [B, N, T, R] (float32), dk and dv (input dtype)."""
     B, N, T, H = q.shape
     S = k.shape[2]

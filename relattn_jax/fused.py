@@ -34,7 +34,7 @@ from . import _spec
 
 BLOCK_T = 64  # query rows per tile
 BLOCK_S = 64  # keys per tile
-INTERPRET_ENV = "RELATTN_PALLAS_INTERPRET"
+_INTERPRET_ENV = "RELATTN_PALLAS_INTERPRET"
 _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 _MIN_DIM = 16  # Triton's dot needs every tile dim >= 16; H and R are padded to powers of two >= this
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -57,13 +57,13 @@ def unavailable(q=None) -> str | None:
     Returns:
         None, or a one-line reason.
     """
-    if os.environ.get(INTERPRET_ENV) == "1":
+    if os.environ.get(_INTERPRET_ENV) == "1":
         return None
     platform = _platform(q)
     if platform in ("gpu", "tpu"):
         return None
     return (f"the fused Pallas kernels need a GPU or TPU backend, but {platform!r} is in use; "
-            f"set {INTERPRET_ENV}=1 (or interpret=True) to run them in the Pallas interpreter")
+            f"set {_INTERPRET_ENV}=1 (or interpret=True) to run them in the Pallas interpreter")
 
 
 def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=None, is_causal=False,
@@ -89,7 +89,7 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=N
     """
     d = _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths)
     if interpret is None:
-        interpret = os.environ.get(INTERPRET_ENV) == "1"
+        interpret = os.environ.get(_INTERPRET_ENV) == "1"
     if not interpret and (reason := unavailable(q)) is not None:
         raise RuntimeError(reason)
     scale = d.H**-0.5 if scale is None else float(scale)
@@ -154,7 +154,7 @@ def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
     if mask is not None:
         m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
         mask_shape = (m[0], m[1], Tp if m[2] > 1 else 1, Sp if m[3] > 1 else 1)
-    cfg = kernels.Config(T=d.T, S=d.S, K=K, scale=scale, causal=bool(causal), block_t=bt, block_s=bs,
+    cfg = kernels._Config(T=d.T, S=d.S, K=K, scale=scale, causal=bool(causal), block_t=bt, block_s=bs,
                          keys=rel_k is not None, values=rel_v is not None, mask_shape=mask_shape,
                          platform=platform, num_warps=_WARPS_SMALL_H if Hp <= 64 else _WARPS_LARGE_H,
                          planted_bug=_PLANTED_BUG)
@@ -179,7 +179,7 @@ def _fused(cfg, meta, q, k, v, qa, av, mask):
 
 
 def _fused_fwd(cfg, meta, q, k, v, qa, av, mask):
-    out, lse, c = kernels.forward(cfg, meta, q, k, v, qa, 1 if av is None else av.shape[1], mask)
+    out, lse, c = kernels._forward(cfg, meta, q, k, v, qa, 1 if av is None else av.shape[1], mask)
     if av is not None:  # the value term C @ A^V: one GEMM after the kernel (float32)
         shared = av.shape[0] == 1
         table = (av[0] if shared else av).astype(jnp.float32)
@@ -198,7 +198,7 @@ def _fused_bwd(cfg, res, g):
         dav = jnp.einsum("BNTR,BNTH->NRH", c, g32, precision=_HIGHEST)  # C^T dO
         dav = dav.sum(0, keepdims=True) if av.shape[0] == 1 else dav
         dav = dav.astype(av.dtype)
-    dq, e, dk, dv = kernels.backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, g)
+    dq, e, dk, dv = kernels._backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, g)
     return None, dq.astype(q.dtype), dk, dv, (e if cfg.keys else None), dav, None
 
 
