@@ -2,8 +2,8 @@
 
 The rules see a call as a ``choice._Case`` (sizes, dtype, device, the form of the arguments), so
 the grid below runs them on plain values, accelerators included, without any accelerator; the
-CPU rows also go through the public ``choose_implementation`` with real arrays. The same table,
-with the reasons, is on docs/implementations.md.
+CPU rows also go through the public ``choose_implementation`` with real arrays. The rules and a
+summary of this table are on docs/implementations.md.
 """
 
 from __future__ import annotations
