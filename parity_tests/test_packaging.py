@@ -69,7 +69,7 @@ ALLOWED_DIFFERENCES = {"interop.py": ({"from_torch_mha"}, {"from_nnx_mha"})}
 # Files whose algorithm differs from the twin's: both open with a "Why this twin differs" paragraph.
 DIFFERENT_ALGORITHMS = ["blockwise.py", "choice.py", "dense.py", "generate.py", "shaw.py"]
 # Being written at the same time by the fused-kernel work; their public names must still converge.
-IN_PROGRESS = {"fused.py", "_fused_kernels.py"}
+IN_PROGRESS = {"fused.py"}
 
 
 def _public_names(path: pathlib.Path) -> set[str]:
