@@ -18,6 +18,8 @@ import pytest
 FRAMEWORKS = ["torch", "jax"]
 ACCELERATOR = {"torch": "cuda", "jax": "gpu"}  # what each framework calls the accelerator device
 K = 2  # max_distance of the Shaw rows
+H = 64  # head dim of every row
+CPU_KERNEL = "the fused kernel needs an accelerator here"  # stand-in for fused.unavailable on CPU
 SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
     "small": (2, 64, 64, 4),
     "below": (1, 4096, 4095, 8),
@@ -26,7 +28,11 @@ SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
 
 # form: none (no relation terms), dense (edge tensors), table (rel_ids), shaw (max_distance).
 # q_offset (Shaw rows): default (S - T), an int, or array (a tensor / jax array). accel: the
-# accelerator ("cuda" for torch, "gpu" for jax). The torch banded Shaw path needs CPU float32 /
+# accelerator ("cuda" for torch, "gpu" for jax); tpu: jax's TPU backend ("-": torch has none).
+# The fused kernel (fused.py) can run on the accelerator rows (kernel=None) and not on the CPU
+# rows (kernel=CPU_KERNEL, as fused.unavailable says without an interpreter switch); "auto"
+# takes it on accelerators only, for the Shaw form in float32/float16/bfloat16 without dropout.
+# The torch banded Shaw path needs CPU float32 /
 # float64, no mask, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
 # the jax Shaw path takes any of those, but leaves B * N * T * S >= 2**27 to blockwise.
 TABLE = """
@@ -35,8 +41,13 @@ shaw   -     -       -        float32   cpu     small  default  | shaw       sha
 shaw   -     -       -        float64   cpu     small  default  | shaw       shaw
 shaw   -     -       -        bfloat16  cpu     small  default  | einsum     shaw
 shaw   -     -       -        float16   cpu     small  default  | einsum     shaw
-shaw   -     -       -        float32   accel   small  default  | einsum     shaw
-shaw   -     -       -        bfloat16  accel   small  default  | einsum     shaw
+shaw   -     -       -        float32   accel   small  default  | fused      fused
+shaw   -     -       -        bfloat16  accel   small  default  | fused      fused
+shaw   mask  causal  -        bfloat16  accel   small  array    | fused      fused
+shaw   -     -       -        float16   accel   small  -3       | fused      fused
+shaw   -     -       dropout  bfloat16  accel   small  default  | einsum     einsum
+shaw   -     -       -        float64   accel   small  default  | einsum     shaw
+shaw   -     -       -        float32   tpu     small  default  | -          fused
 shaw   mask  -       -        float32   cpu     small  default  | einsum     shaw
 shaw   -     -       dropout  float32   cpu     small  default  | einsum     einsum
 shaw   -     causal  -        float32   cpu     small  default  | shaw       shaw
@@ -48,7 +59,8 @@ shaw   -     -       -        float32   cpu     at     default  | shaw       blo
 shaw   -     causal  -        float32   cpu     at     default  | shaw       blockwise
 shaw   mask  -       -        float32   cpu     at     default  | blockwise  blockwise
 shaw   -     -       dropout  float32   cpu     at     default  | blockwise  blockwise
-shaw   -     -       -        float32   accel   at     default  | blockwise  blockwise
+shaw   -     -       -        float32   accel   at     default  | fused      fused
+shaw   -     -       dropout  float32   accel   at     default  | blockwise  blockwise
 table  -     -       -        float32   cpu     small  -        | einsum     einsum
 table  mask  causal  dropout  float32   cpu     small  -        | einsum     einsum
 table  -     -       -        bfloat16  accel   below  -        | einsum     einsum
@@ -86,8 +98,9 @@ class Row:
             q_offset = None  # a tensor / array, or not the Shaw form
         else:
             q_offset = S - T if self.q_offset == "default" else int(self.q_offset)
-        device = ACCELERATOR[fw] if self.device == "accel" else "cpu"
-        return choice._Case(B=B, T=T, S=S, N=N, dtype=self.dtype, device=device, form=self.form, masked=self.masked,
+        device = {"accel": ACCELERATOR[fw], "tpu": "tpu", "cpu": "cpu"}[self.device]
+        return choice._Case(B=B, T=T, S=S, N=N, H=H, dtype=self.dtype, device=device, form=self.form,
+                            kernel=CPU_KERNEL if device == "cpu" else None, masked=self.masked,
                             is_causal=self.is_causal, dropout=self.dropout,
                             max_distance=K if self.form == "shaw" else None, q_offset=q_offset)
 
@@ -120,6 +133,8 @@ def test_the_table_parses_into_every_form_and_both_sides_of_the_threshold():
 @pytest.mark.parametrize("fw", FRAMEWORKS)
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
 def test_rule_table_matches_the_literal_table(row, fw):
+    if row.expected[fw] == "-":
+        pytest.skip(f"{fw} has no {row.device} device")
     choice = _choice(fw)
     assert choice.LONG_SEQUENCE_THRESHOLD == 2**27
     got = choice._choose(row.case(choice, fw))
@@ -130,7 +145,7 @@ def test_rule_table_matches_the_literal_table(row, fw):
 def test_both_packages_try_the_same_rules_in_the_same_order():
     torch_rules = [r.name for r in _choice("torch")._RULES]
     jax_rules = [r.name for r in _choice("jax")._RULES]
-    assert torch_rules == jax_rules == ["shaw", "blockwise", "einsum"]
+    assert torch_rules == jax_rules == ["fused", "shaw", "blockwise", "einsum"]
     assert _choice("torch").IMPLEMENTATIONS == _choice("jax").IMPLEMENTATIONS == ("auto", *torch_rules)
 
 
@@ -182,6 +197,12 @@ def test_choose_implementation_on_real_cpu_arrays(row, fw):
 # implementation= forced: a path that cannot run says why; the torch banded path is narrower.
 FORCED = [
     # implementation, row of TABLE (by id), torch, jax  (an error is "ValueError: <message part>")
+    ("fused", "shaw-float32-accel-small", "fused", "fused"),
+    ("fused", "shaw-mask-causal-bfloat16-accel-small-offarray", "fused", "fused"),
+    ("fused", "shaw-float32-cpu-small", f"ValueError: {CPU_KERNEL}", f"ValueError: {CPU_KERNEL}"),
+    ("fused", "table-float32-cpu-small", "ValueError: needs max_distance", "ValueError: needs max_distance"),
+    ("fused", "shaw-dropout-bfloat16-accel-small", "ValueError: needs dropout_p=0", "ValueError: needs dropout_p=0"),
+    ("fused", "shaw-float64-accel-small", "ValueError: needs float32/float16/bfloat16", "ValueError: needs float32/float16/bfloat16"),
     ("shaw", "table-float32-cpu-small", "ValueError: needs max_distance", "ValueError: needs max_distance"),
     ("shaw", "shaw-mask-float32-cpu-small", "ValueError: needs no mask", "shaw"),
     ("shaw", "shaw-float32-accel-small", "ValueError: needs CPU tensors", "shaw"),
@@ -234,3 +255,22 @@ def test_relative_attention_runs_einsum_for_the_deprecated_name(fw):
         old = be.attention(x, max_distance=2, implementation="reference")
     assert record[0].filename.endswith("backends.py")  # TorchBackend / JaxBackend.attention called it
     np.testing.assert_array_equal(old, be.attention(x, max_distance=2, implementation="einsum"))
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_fused_steps_aside_where_its_kernel_cannot_run(fw):
+    """An accelerator without the kernel (no triton; a backend it does not lower for) keeps the old
+    choice; the kernel's own reason is the error when it is asked for by name; heads wider than
+    FUSED_MAX_HEAD_DIM never reach it."""
+    import dataclasses
+
+    choice = _choice(fw)
+    row = BY_ID["shaw-float32-accel-small"]
+    case = dataclasses.replace(row.case(choice, fw), kernel="triton is not installed")
+    assert choice._choose(case).name == {"torch": "einsum", "jax": "shaw"}[fw]
+    with pytest.raises(ValueError, match="implementation='fused' triton is not installed"):
+        choice._choose(case, "fused")
+    wide = dataclasses.replace(row.case(choice, fw), H=choice.FUSED_MAX_HEAD_DIM + 1)
+    assert choice._choose(wide).name != "fused"
+    with pytest.raises(ValueError, match=f"needs head dim H <= {choice.FUSED_MAX_HEAD_DIM}"):
+        choice._choose(wide, "fused")

@@ -29,11 +29,14 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import fused
 from .einsum import AttentionArgs
 
 # "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
 # (2**27 float32 logits = 512 MiB per [B, N, T, S] array).
 LONG_SEQUENCE_THRESHOLD = 2**27
+# The widest head the fused kernels launch (their tile configurations stop there).
+FUSED_MAX_HEAD_DIM = 256
 _ALIASES = {"reference": "einsum"}  # deprecated name -> path
 
 
@@ -41,7 +44,7 @@ class Choice(NamedTuple):
     """The path that ``relative_attention`` runs for a call, and why.
 
     Attributes:
-        name: the path: "einsum", "shaw" or "blockwise".
+        name: the path: "fused", "shaw", "blockwise" or "einsum".
         reason: one line saying why this path.
     """
 
@@ -57,9 +60,11 @@ class _Case:
     T: int
     S: int
     N: int
+    H: int
     dtype: str  # "float32", "float64", "bfloat16", "float16"
     device: str  # the backend: "cpu", "gpu", "tpu"
     form: str  # "none", "dense" (edge tensors), "table" (rel_ids) or "shaw" (max_distance)
+    kernel: str | None  # why fused.py's kernel cannot run on this device (fused.unavailable), or None
     masked: bool = False
     is_causal: bool = False
     dropout: bool = False
@@ -76,6 +81,24 @@ class _Rule:
     name: str
     blocked: Callable[[_Case], str | None]  # why the path cannot run, or None
     wanted: Callable[[_Case], str | None]  # why "auto" should take it, or None
+
+
+def _fused_blocked(c: _Case) -> str | None:
+    if c.form != "shaw":
+        return "needs max_distance (the Shaw form)"
+    if c.dropout:
+        return "needs dropout_p=0"
+    if c.dtype not in ("float32", "float16", "bfloat16"):
+        return f"needs float32/float16/bfloat16 inputs, got {c.dtype}"
+    if c.H > FUSED_MAX_HEAD_DIM:
+        return f"needs head dim H <= {FUSED_MAX_HEAD_DIM}, got {c.H}"
+    return c.kernel
+
+
+def _fused_wanted(c: _Case) -> str | None:
+    if c.device in ("gpu", "tpu"):
+        return "the Shaw form on a GPU or TPU backend: the fused Pallas kernel holds no [B, N, T, S] tensor"
+    return None  # the CPU choice: the interpreter runs the kernel only when asked for by name
 
 
 def _shaw_blocked(c: _Case) -> str | None:
@@ -107,11 +130,10 @@ def _einsum_wanted(c: _Case) -> str:
 
 
 # The rules in the order "auto" tries them, the same order in both packages. A new path is one
-# _Rule placed where "auto" should try it, plus one branch in attention._run. The fused kernel's
-# rule goes first: blocked unless the Shaw form, dropout_p = 0, float32 / float16 / bfloat16 and
-# the gpu or tpu backend (or its interpreter switch); test_dispatch.py's literal table then
-# changes where it wins.
+# _Rule placed where "auto" should try it, plus one branch in attention._run. The fused kernel
+# goes first: where it can run and "auto" wants it (an accelerator), nothing else is faster.
 _RULES = (
+    _Rule("fused", _fused_blocked, _fused_wanted),
     _Rule("shaw", _shaw_blocked, _shaw_wanted),
     _Rule("blockwise", _runs_anywhere, _blockwise_wanted),
     _Rule("einsum", _runs_anywhere, _einsum_wanted),
@@ -175,16 +197,18 @@ def _resolve(implementation: str | None) -> str:
 
 def _case(q, k, args: AttentionArgs) -> _Case:
     """The rules' view of a call: sizes, dtype, device and the form of the arguments."""
-    B, T, N, _ = q.shape
+    B, T, N, H = q.shape
     S = k.shape[1]
+    form = _form(args)
     q_offset = args.q_offset
     if args.max_distance is not None and q_offset is None:
         q_offset = S - T
     if not isinstance(q_offset, int) or isinstance(q_offset, bool):
         q_offset = None
-    return _Case(B=B, T=T, S=S, N=N, dtype=jnp.dtype(q.dtype).name, device=_backend(q),
-                 form=_form(args), masked=args.mask is not None, is_causal=bool(args.is_causal),
-                 dropout=args.dropout_p > 0.0, max_distance=args.max_distance, q_offset=q_offset)
+    return _Case(B=B, T=T, S=S, N=N, H=H, dtype=jnp.dtype(q.dtype).name, device=_backend(q),
+                 form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
+                 masked=args.mask is not None, is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
+                 max_distance=args.max_distance, q_offset=q_offset)
 
 
 def _backend(x) -> str:

@@ -18,6 +18,7 @@ from . import _spec
 from .blockwise import blockwise_attention
 from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
 from .einsum import AttentionArgs, einsum_attention, masked_softmax
+from .fused import fused_attention
 from .shaw import shaw_attention
 
 __all__ = ["IMPLEMENTATIONS", "LONG_SEQUENCE_THRESHOLD", "masked_softmax", "relative_attention"]
@@ -64,7 +65,9 @@ def relative_attention(
         q_offset: position of query 0 among the keys for those ids (int or int
             tensor); default S - T. Only with ``max_distance``.
         implementation: None or "auto" lets ``choose_implementation`` pick the path
-            from its rule table; a name forces one path: "einsum" (``einsum.py``: the
+            from its rule table; a name forces one path: "fused" (``fused.py``: the
+            Triton kernel; ``max_distance``, no dropout, float32/float16/bfloat16, CUDA
+            tensors, or CPU tensors with TRITON_INTERPRET=1), "einsum" (``einsum.py``: the
             equations over [B, N, T, S] logits), "shaw" (``shaw.py``: the banded Shaw
             path; CPU float32/float64, ``max_distance``, no mask, no dropout, an int
             q_offset) or "blockwise" (``blockwise.py``: query blocks, memory linear in S).
@@ -86,6 +89,9 @@ def relative_attention(
 
 def _run(name: str, q, k, v, args: AttentionArgs) -> torch.Tensor:
     """The chosen path's pure function (looked up at call time, so tests can spy on it)."""
+    if name == "fused":
+        return fused_attention(q, k, v, args.rel_k, args.rel_v, max_distance=args.max_distance,
+                               q_offset=args.q_offset, is_causal=args.is_causal, scale=args.scale, mask=args.mask)
     if name == "shaw":
         return shaw_attention(q, k, v, args)
     if name == "blockwise":
