@@ -30,7 +30,7 @@ import triton.language as tl  # noqa: E402
 from parity_tests import oracle  # noqa: E402
 from parity_tests.numerics import assert_close  # noqa: E402
 from relattn_torch import fused, relative_attention  # noqa: E402
-from relattn_torch.fused import CONFIGS, Config, fused_attention, unavailable  # noqa: E402
+from relattn_torch.fused import _CONFIGS, _Config, fused_attention, unavailable  # noqa: E402
 
 pytestmark = pytest.mark.fused
 F32_TOL = 2e-5  # float32: max |err| <= F32_TOL * max(1, max |ref|)
@@ -51,7 +51,7 @@ def small_tiles(request, monkeypatch):
     if "compiles" not in request.node.name and not _interpreting():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; "
                     "run this file in a process of its own (pytest -n 2 --dist loadfile, or alone)")
-    monkeypatch.setattr(fused, "_config", lambda hp, dtype: Config(TILE, TILE, 1, 1, hp))
+    monkeypatch.setattr(fused, "_config", lambda hp, dtype: _Config(TILE, TILE, 1, 1, hp))
 
 
 def _einsum_path(*args, **kwargs):
@@ -341,10 +341,10 @@ def compile_kernel(name, cfg, dtype, arch, K=8):
 
 
 def compile_report(specs):
-    """compile_kernel for each (kernel name, H, dtype, arch), with H's entry of CONFIGS."""
+    """compile_kernel for each (kernel name, H, dtype, arch), with H's entry of _CONFIGS."""
     rows = []
     for name, H, dtype, arch in specs:
-        cfg = next(c for c in CONFIGS if c.H == H)
+        cfg = next(c for c in _CONFIGS if c.H == H)
         rows.append([name, list(cfg), dtype, arch, *compile_kernel(name, cfg, dtype, arch)])
     return rows
 
@@ -378,7 +378,7 @@ def _ptxas_report(ptx, arch):
 
 def _check_compiled(rows):
     for name, cfg, dtype, arch, shared, spills, registers in rows:
-        cfg = Config(*cfg)
+        cfg = _Config(*cfg)
         print(f"{name} {cfg} {dtype} sm_{arch}: shared {shared} B, spills {spills} B, {registers} registers")
         assert shared <= SHARED_LIMIT[arch], f"{name} {cfg} {dtype} sm_{arch}: shared {shared} B"
         if dtype != "fp32":  # float32 (IEEE dots on FMA units) spills; see docs/fused-kernels-torch.md
@@ -397,6 +397,6 @@ def test_compiles_for_gpu_sample():
 
 @pytest.mark.slow
 def test_compiles_for_gpu_all_configs():
-    specs = [(name, cfg.H, dtype, arch) for cfg in CONFIGS for dtype in ("fp16", "bf16", "fp32")
+    specs = [(name, cfg.H, dtype, arch) for cfg in _CONFIGS for dtype in ("fp16", "bf16", "fp32")
              for arch in (90, 80) for name in KERNELS]
     _check_compiled(_compile_in_subprocess(specs))

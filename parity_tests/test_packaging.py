@@ -68,8 +68,6 @@ ONE_SIDED_FILES = sorted(
 ALLOWED_DIFFERENCES = {"interop.py": ({"from_torch_mha"}, {"from_nnx_mha"})}
 # Files whose algorithm differs from the twin's: both open with a "Why this twin differs" paragraph.
 DIFFERENT_ALGORITHMS = ["blockwise.py", "choice.py", "dense.py", "generate.py", "shaw.py"]
-# Being written at the same time by the fused-kernel work; their public names must still converge.
-IN_PROGRESS = {"fused.py"}
 
 
 def _public_names(path: pathlib.Path) -> set[str]:
@@ -97,14 +95,7 @@ def test_public_names_helper_reads_definitions_only(tmp_path):
     assert _public_names(path) == {"A", "f", "C", "z"}
 
 
-def _twin_cases():
-    for name in SHARED_FILES:
-        in_progress = name in IN_PROGRESS
-        marks = [pytest.mark.xfail(reason="fused kernels still being written", strict=False)] if in_progress else []
-        yield pytest.param(name, marks=marks, id=name)
-
-
-@pytest.mark.parametrize("name", list(_twin_cases()))
+@pytest.mark.parametrize("name", SHARED_FILES)
 def test_same_named_files_define_the_same_public_names(name):
     torch_names = _public_names(ROOT / "relattn_torch" / name)
     jax_names = _public_names(ROOT / "relattn_jax" / name)

@@ -28,18 +28,18 @@ import torch
 
 from . import _spec
 
-Config = namedtuple("Config", "BLOCK_T BLOCK_S num_warps num_stages H")
+_Config = namedtuple("Config", "BLOCK_T BLOCK_S num_warps num_stages H")
 BLOCK_T = 32  # query rows per program
 BLOCK_S = 32  # key columns per tile
 # Every launch configuration, by padded head dim H (a power of two, 16 to 256). Chosen from sm_90
 # and sm_80 compiles with every feature on (docs/fused-kernels-torch.md has the table): larger
 # tiles spill registers in the backward row pass.
-CONFIGS = (
-    Config(BLOCK_T, BLOCK_S, 4, 2, 16),
-    Config(BLOCK_T, BLOCK_S, 8, 2, 32),
-    Config(BLOCK_T, BLOCK_S, 8, 2, 64),
-    Config(BLOCK_T, BLOCK_S, 8, 2, 128),
-    Config(BLOCK_T, BLOCK_S, 8, 1, 256),
+_CONFIGS = (
+    _Config(BLOCK_T, BLOCK_S, 4, 2, 16),
+    _Config(BLOCK_T, BLOCK_S, 8, 2, 32),
+    _Config(BLOCK_T, BLOCK_S, 8, 2, 64),
+    _Config(BLOCK_T, BLOCK_S, 8, 2, 128),
+    _Config(BLOCK_T, BLOCK_S, 8, 1, 256),
 )
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -206,8 +206,8 @@ def _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths) -> 
         _spec.check_positions(d.T, d.S, max_distance)
     else:
         _spec.check_shaw(_shape(rel_k), _shape(rel_v), False, max_distance, q_offset is not None, d)
-    if _padded(d.H) > max(c.H for c in CONFIGS):
-        raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in CONFIGS)}, got H = {d.H}")
+    if _padded(d.H) > max(c.H for c in _CONFIGS):
+        raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in _CONFIGS)}, got H = {d.H}")
     # key_lengths and a tensor q_offset are small and may live on the host; they are copied over.
     for name, x in named[1:] + ([("mask", mask)] if mask is not None else []):
         if x.device != q.device:
@@ -274,12 +274,12 @@ def _padded(H: int) -> int:
     return max(16, 1 << (H - 1).bit_length())
 
 
-def _config(hp: int, dtype: torch.dtype) -> Config:
+def _config(hp: int, dtype: torch.dtype) -> _Config:
     """The launch configuration for a padded head dim."""
-    for cfg in CONFIGS:
+    for cfg in _CONFIGS:
         if cfg.H == hp:
             return cfg
-    raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in CONFIGS)}, got padded H {hp}")
+    raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in _CONFIGS)}, got padded H {hp}")
 
 
 def _interpret_env() -> bool:
