@@ -46,7 +46,7 @@ def naive_shaw(q, k, v, rel_k, rel_v, *, K, causal):
     """Our reference table path: take_along_axis for q.a^K, scatter-add of probabilities into buckets."""
     ids = _shaw_ids(q.shape[1], k.shape[1], K)
     return relattn_jax.relative_attention(q, k, v, rel_k, rel_v, rel_ids=ids, is_causal=causal,
-                                          implementation="reference")
+                                          implementation="einsum")
 
 
 def hf_relative_key(q, k, v, rel_k, *, K, causal, **_):
