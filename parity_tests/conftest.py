@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# The fused kernels' tests run Triton's CPU interpreter, whose switch must be set before triton is
+# first imported by any test in a worker (the compile checks run in subprocesses that set it to 0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 try:  # float64 must be switched on before any JAX array exists
     import jax
 
