@@ -18,7 +18,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from relattn_jax import attention, causal_mask, fused, padding_mask, relative_attention  # noqa: E402
+from relattn_jax import causal_mask, fused, padding_mask, relative_attention  # noqa: E402
 
 from . import oracle  # noqa: E402
 from .numerics import assert_close  # noqa: E402
@@ -41,12 +41,6 @@ TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 def small_tiles(monkeypatch):
     monkeypatch.setattr(fused, "BLOCK_T", TILE)
     monkeypatch.setattr(fused, "BLOCK_S", TILE)
-
-
-def _einsum_impl() -> str:
-    """The einsum path's name ("reference" in older trees)."""
-    names = getattr(attention, "IMPLEMENTATIONS", ())
-    return "einsum" if "einsum" in names else "reference"
 
 
 def _inputs(seed, T, S, H, K, shared=True, keys=True, values=True):
@@ -110,7 +104,7 @@ def _check(x, K, dtype="float32", q_offset=None, is_causal=False, mask=None, key
 
     def run_einsum(**a):
         shaw = dict(max_distance=K, q_offset=q_offset) if tables else {}
-        return relative_attention(**a, **shaw, is_causal=is_causal, implementation=_einsum_impl(),
+        return relative_attention(**a, **shaw, is_causal=is_causal, implementation="einsum",
                                   mask=None if visible is None else jnp.asarray(visible))
 
     out, grads = _value_and_grads(run_fused, x, dt)
@@ -242,7 +236,7 @@ def test_invariants():
         x, jnp.float32)
     no_values = dict(x, rel_v=None)
     plain, _ = _value_and_grads(lambda **a: relative_attention(**a, max_distance=5, mask=jnp.asarray(mask),
-                                                               implementation=_einsum_impl()), no_values, jnp.float64)
+                                                               implementation="einsum"), no_values, jnp.float64)
     sees = np.broadcast_to(mask.any(-1)[:, 0, :, None, None], out.shape)
     assert np.abs((out - plain) - np.where(sees, 1.0, 0.0)).max() < 1e-5
     g = grads["rel_k"]

@@ -55,13 +55,7 @@ def small_tiles(request, monkeypatch):
 
 
 def _einsum_path(*args, **kwargs):
-    """The einsum path, named "einsum" (or "reference" before the rename)."""
-    try:
-        return relative_attention(*args, implementation="einsum", **kwargs)
-    except ValueError as err:
-        if "implementation" not in str(err):
-            raise
-        return relative_attention(*args, implementation="reference", **kwargs)
+    return relative_attention(*args, implementation="einsum", **kwargs)
 
 
 def _make(B, T, S, N, H, K, keys="shared", values="shared", dtype=torch.float32, seed=0):
