@@ -104,6 +104,34 @@ def _store_ends(OUT, i, row_ok, first, last, R: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _key_length(KL, b, S, HAS_KL: tl.constexpr):
+    """Keys of example b that may be seen: key_lengths[b] (at most S), or S without key lengths."""
+    kl = S
+    if HAS_KL:
+        kl = tl.minimum(tl.load(KL + b), S)
+    return kl
+
+
+@triton.jit
+def _row_stats(LSE, D, rows, i, row_ok):
+    """lse and D = rowsum(dO * o) of rows i; a row that sees no key has lse = -inf, read as 0 (p = 0)."""
+    lse = tl.load(LSE + rows + i, mask=row_ok, other=0.0)
+    delta = tl.load(D + rows + i, mask=row_ok, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse), delta
+
+
+@triton.jit
+def _probs_and_ds(s, lse, delta, do, vt, GV, i, j, qo, in_band, T, R: tl.constexpr, K: tl.constexpr,
+                  HAS_GV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """p = exp(s - lse) and ds = p (dO v^T + gv[r_ij] - D) of one tile, both [BLOCK_T, BLOCK_S]."""
+    p = tl.exp(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
+    if HAS_GV:
+        dp += _rel_tile(GV, i, j, qo, in_band, T, R, K)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _key_range(i0, T, S, kl, BLOCK_T: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """End of the key loop for a query block: the key length, and the causal edge."""
     hi = kl
@@ -134,9 +162,7 @@ def _fwd_kernel(Q, Kp, V, QA, MASK, KL, QOFF, O, LSE, C,
     hd = tl.arange(0, HP)  # [HP]
     row_ok = i < T
     qo = tl.load(QOFF)
-    kl = S
-    if HAS_KL:
-        kl = tl.minimum(tl.load(KL + b), S)
+    kl = _key_length(KL, b, S, HAS_KL)
     q = tl.load(Q + b * sq_b + n * sq_n + i[:, None] * sq_t + hd[None, :],
                 mask=row_ok[:, None] & (hd[None, :] < H), other=0.0)  # [BLOCK_T, HP]
     Kp += b * sk_b + n * sk_n
@@ -202,17 +228,13 @@ def _bwd_rows_kernel(Q, Kp, V, DO, QA, GV, LSE, D, MASK, KL, QOFF, DQ, E,
     hd = tl.arange(0, HP)  # [HP]
     row_ok = i < T
     qo = tl.load(QOFF)
-    kl = S
-    if HAS_KL:
-        kl = tl.minimum(tl.load(KL + b), S)
+    kl = _key_length(KL, b, S, HAS_KL)
     q_off = b * sq_b + n * sq_n + i[:, None] * sq_t + hd[None, :]
     q_ok = row_ok[:, None] & (hd[None, :] < H)
     q = tl.load(Q + q_off, mask=q_ok, other=0.0)  # [BLOCK_T, HP]
     do = tl.load(DO + q_off, mask=q_ok, other=0.0)  # [BLOCK_T, HP]
     rows = bn.to(tl.int64) * T
-    lse = tl.load(LSE + rows + i, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a row has only -inf logits: p = 0
-    delta = tl.load(D + rows + i, mask=row_ok, other=0.0)  # [BLOCK_T]
+    lse, delta = _row_stats(LSE, D, rows, i, row_ok)  # [BLOCK_T] each
     Kp += b * sk_b + n * sk_n
     V += b * sk_b + n * sk_n
     QA += rows * R
@@ -231,11 +253,7 @@ def _bwd_rows_kernel(Q, Kp, V, DO, QA, GV, LSE, D, MASK, KL, QOFF, DQ, E,
         in_band = _in_band(i0, j0, qo, BLOCK_T, BLOCK_S, K)
         vis = _visible(i, j, T, S, kl, MASK, sm_t, sm_s, HAS_MASK, IS_CAUSAL)
         s = _logits(q, kt, QA, i, j, qo, in_band, vis, scale, T, R, K, HAS_QA, DOT_PREC)  # [BLOCK_T, BLOCK_S]
-        p = tl.exp(s - lse[:, None])  # [BLOCK_T, BLOCK_S]
-        dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)  # [BLOCK_T, BLOCK_S]
-        if HAS_GV:
-            dp += _rel_tile(GV, i, j, qo, in_band, T, R, K)
-        ds = p * (dp - delta[:, None])  # [BLOCK_T, BLOCK_S]
+        p, ds = _probs_and_ds(s, lse, delta, do, vt, GV, i, j, qo, in_band, T, R, K, HAS_GV, DOT_PREC)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
         if HAS_QA:
             first, last = _bucket_ends(ds, j[None, :] - i[:, None] - qo, K)
@@ -265,9 +283,7 @@ def _bwd_cols_kernel(Q, Kp, V, DO, QA, GV, LSE, D, MASK, KL, QOFF, DK, DV,
     j = j0 + tl.arange(0, BLOCK_S)  # [BLOCK_S]
     hd = tl.arange(0, HP)  # [HP]
     qo = tl.load(QOFF)
-    kl = S
-    if HAS_KL:
-        kl = tl.minimum(tl.load(KL + b), S)
+    kl = _key_length(KL, b, S, HAS_KL)
     k_off = b * sk_b + n * sk_n + j[:, None] * sk_s + hd[None, :]
     kv_ok = (j[:, None] < S) & (hd[None, :] < H)
     kt = tl.load(Kp + k_off, mask=kv_ok, other=0.0)  # [BLOCK_S, HP]
@@ -291,18 +307,12 @@ def _bwd_cols_kernel(Q, Kp, V, DO, QA, GV, LSE, D, MASK, KL, QOFF, DK, DV,
         q_ok = row_ok[:, None] & (hd[None, :] < H)
         q = tl.load(Q + i[:, None] * sq_t + hd[None, :], mask=q_ok, other=0.0)  # [BLOCK_T, HP]
         do = tl.load(DO + i[:, None] * sq_t + hd[None, :], mask=q_ok, other=0.0)  # [BLOCK_T, HP]
-        lse = tl.load(LSE + rows + i, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(D + rows + i, mask=row_ok, other=0.0)  # [BLOCK_T]
+        lse, delta = _row_stats(LSE, D, rows, i, row_ok)  # [BLOCK_T] each
         in_band = _in_band(i0, j0, qo, BLOCK_T, BLOCK_S, K)
         vis = _visible(i, j, T, S, kl, MASK, sm_t, sm_s, HAS_MASK, IS_CAUSAL)
         s = _logits(q, kt, QA, i, j, qo, in_band, vis, scale, T, R, K, HAS_QA, DOT_PREC)  # [BLOCK_T, BLOCK_S]
-        p = tl.exp(s - lse[:, None])  # [BLOCK_T, BLOCK_S]
+        p, ds = _probs_and_ds(s, lse, delta, do, vt, GV, i, j, qo, in_band, T, R, K, HAS_GV, DOT_PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)  # [BLOCK_S, HP]
-        dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)  # [BLOCK_T, BLOCK_S]
-        if HAS_GV:
-            dp += _rel_tile(GV, i, j, qo, in_band, T, R, K)
-        ds = p * (dp - delta[:, None])  # [BLOCK_T, BLOCK_S]
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)  # [BLOCK_S, HP]
 
     tl.store(DK + k_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
