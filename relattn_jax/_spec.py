@@ -231,7 +231,31 @@ def check_cache_buffers(k_shape: Shape, v_shape: Shape, new_shape: Shape, max_le
 def check_cache_room(length: int, new: int, max_length: int) -> None:
     """Writing ``new`` positions after ``length`` must fit in ``max_length``."""
     if length + new > max_length:
+        raise ValueError(overflow_message(length, new, max_length))
+
+
+def overflow_message(length, new: int, max_length: int) -> str:
+    """The overflow error; ``length`` None when only the device knows it (a compiled torch step)."""
+    have = "the cache length" if length is None else f"cache length {int(length)}"
+    return (
+        f"cache overflow: {have} + {new} new positions > max_length {max_length}; "
+        f"create the cache with a larger max_length"
+    )
+
+
+def check_cache_mask(shape: Shape, batch: int, heads: int, new: int, max_length: int) -> None:
+    """With a cache the mask covers the whole buffer: it must broadcast to [B, N, T, max_length]."""
+    target = (batch, heads, new, max_length)
+    if len(shape) > 4 or not all(s in (1, t) for s, t in zip(reversed(shape), reversed(target))):
         raise ValueError(
-            f"cache overflow: cache length {length} + {new} new positions > max_length {max_length}; "
-            f"create the cache with a larger max_length"
+            f"mask with cache= covers the cache buffer: it must broadcast to [B, N, T, max_length] = "
+            f"{fmt(target)}, got shape {fmt(shape)} (its last dim is the cache's max_length {max_length}, "
+            f"not the T = {new} new positions)"
         )
+
+
+def check_token_range(name: str, lo: int, hi: int, vocab_size) -> None:
+    """Token ids (values in [lo, hi]) must index the vocabulary: [0, vocab_size); no upper check if None."""
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bound = "[0, vocab_size)" if vocab_size is None else f"[0, vocab_size) = [0, {vocab_size})"
+        raise ValueError(f"{name} token ids must be in {bound}, got values in [{lo}, {hi}]")
