@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import fused
+from . import fused, shaw
 from .einsum import AttentionArgs
 
 # "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
@@ -115,7 +115,7 @@ def _shaw_blocked(c: _Case) -> str | None:
         return "needs an int q_offset (this package's banded path)"
     if c.is_causal and not c.q_offset + max(c.max_distance, 1) > c.S - c.T:
         return "needs, when causal, q_offset + max(max_distance, 1) > S - T"
-    return None
+    return shaw._MISSING  # None where this torch has the fused CPU kernel
 
 
 def _shaw_wanted(c: _Case) -> str | None:

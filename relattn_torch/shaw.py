@@ -65,8 +65,32 @@ from .einsum import AttentionArgs
 _BAND_BLOCK = 32  # query rows per band block
 _FORWARD_CHUNKS = 2  # forward chunk = this many backward chunks (fewer temporaries per row)
 _CHUNK_ELEMENTS = 1 << 20  # about B * N * H * (query rows per backward chunk); see the module docstring
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# The fused CPU kernel is a private aten op: looked up, never assumed, so that a torch without it
+# (or with another signature) still imports; choice.py then blocks this path with _MISSING.
+_OP = "_scaled_dot_product_flash_attention_for_cpu"
+_POSITIONAL = {  # the arguments this path passes by position (and scale= by name)
+    _OP: ("query", "key", "value", "dropout_p", "is_causal"),
+    f"{_OP}_backward": ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal"),
+}
+
+
+def _private_op(name: str):
+    """torch.ops.aten.<name> if it exists and takes the arguments this path passes, else None."""
+    try:
+        op = getattr(torch.ops.aten, name)
+        names = [a.name for a in op.default._schema.arguments]
+    except (AttributeError, RuntimeError):
+        return None
+    expected = _POSITIONAL[name]
+    return op if tuple(names[: len(expected)]) == expected and "scale" in names else None
+
+
+_flash = _private_op(_OP)
+_flash_bwd = _private_op(f"{_OP}_backward")
+# Why this torch cannot run the banded path, or None when it can.
+_MISSING = None if _flash is not None and _flash_bwd is not None else (
+    f"needs torch's private op aten.{_OP} (and its backward) with the arguments "
+    f"{', '.join(_POSITIONAL[_OP])}, scale=, which torch {torch.__version__} does not have")
 
 
 def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
