@@ -17,6 +17,8 @@ The twin of ``relattn_torch/cache.py``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -33,44 +35,67 @@ class KVCache:
         k: keys [B, S, N, H], S = max_length; slots >= length hold stale data.
         v: values [B, S, N, H].
         length: int32 scalar array, the number of positions written.
+        checked: static (not a pytree leaf): check for overflow inside ``jit`` too
+            (see ``update_kv_cache``).
+
+    ``overflowed`` reads ``length > max_length``: after a jitted loop on an unchecked
+    cache it tells whether a write was clamped.
     """
 
     k: jax.Array
     v: jax.Array
     length: jax.Array
+    checked: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def max_length(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def overflowed(self) -> jax.Array:
+        """bool scalar array: a write went past max_length (the length keeps counting)."""
+        return self.length > self.max_length
 
     def clone(self) -> "KVCache":
         """The same cache (JAX arrays are immutable); for symmetry with PyTorch."""
         return self
 
 
-def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=jnp.float32) -> KVCache:
-    """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros."""
+def init_kv_cache(
+    batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=jnp.float32, checked: bool = False
+) -> KVCache:
+    """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros.
+
+    ``checked=True`` keeps the overflow check inside ``jit`` (see ``update_kv_cache``).
+    """
     _spec.check_int("batch_size", batch_size)
     _spec.check_int("max_length", max_length)
+    if not isinstance(checked, bool):
+        raise TypeError(f"checked must be a bool, got {checked!r}")
     k = jnp.zeros((batch_size, max_length, num_heads, head_dim), dtype)
-    return KVCache(k, jnp.zeros_like(k), jnp.zeros((), jnp.int32))
+    return KVCache(k, jnp.zeros_like(k), jnp.zeros((), jnp.int32), checked)
 
 
 def update_kv_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCache:
     """Write k_new, v_new [B, T, N, H] at positions [length, length + T).
 
     Raises ValueError on overflow (length + T > max_length) when the length is
-    concrete (eager mode). Under ``jit``/``scan`` the length is traced and cannot be
-    checked: ``dynamic_update_slice`` then clamps the start so the write fits,
-    silently overwriting the last slots with wrong positions. Size the cache for
-    prompt length + new tokens.
+    concrete (eager mode). Under ``jit``/``scan`` the length is traced, so by default
+    there is no check: ``dynamic_update_slice`` then clamps the start so the write
+    fits, silently overwriting the last slots with wrong positions (``overflowed``
+    becomes True). A ``checked`` cache checks on the host through
+    ``jax.debug.callback``: the jitted call fails with a ``JaxRuntimeError`` (a
+    RuntimeError) whose message holds the eager "cache overflow: ..." text.
     """
     _check_update(cache, k_new, v_new)
+    if cache.checked and isinstance(cache.length, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_check_room, new=k_new.shape[1], max_length=cache.max_length),
+                           cache.length)
     zero = jnp.zeros((), jnp.int32)
     start = (zero, cache.length.astype(jnp.int32), zero, zero)
     k = jax.lax.dynamic_update_slice(cache.k, k_new, start)
     v = jax.lax.dynamic_update_slice(cache.v, v_new, start)
-    return KVCache(k, v, (cache.length + k_new.shape[1]).astype(jnp.int32))
+    return KVCache(k, v, (cache.length + k_new.shape[1]).astype(jnp.int32), cache.checked)
 
 
 def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.Array | None):
@@ -83,10 +108,18 @@ def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.A
         and the updated cache.
     """
     _check_type(cache)
+    if mask is not None and hasattr(mask, "shape"):
+        B, T, N, _ = k_new.shape
+        _spec.check_cache_mask(tuple(mask.shape), B, N, T, cache.max_length)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset)  # [T, S]
     return new.k, new.v, combine_masks(mask, visible), offset, new
+
+
+def _check_room(length, *, new: int, max_length: int) -> None:
+    """Host side of a checked, traced update (runs with the concrete length)."""
+    _spec.check_cache_room(int(length), new, max_length)
 
 
 def _check_type(cache) -> None:

@@ -142,14 +142,15 @@ class RelativeMultiHeadAttention(nnx.Module):
         out = out if self.b_o is None else out + _value(self.b_o, dtype)
         return out if cache is None else (out, cache)
 
-    def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int, *, dtype=None, checked: bool = False) -> KVCache:
         """An empty ``KVCache`` for ``__call__(x, cache=...)``: buffers [B, max_length, N, H].
 
         dtype defaults to the compute dtype (``dtype``, else ``param_dtype``); it must
-        equal the dtype the keys are computed in.
+        equal the dtype the keys are computed in. ``checked=True``: overflow is checked
+        inside ``jit`` too (see ``update_kv_cache``).
         """
         dtype = (self.dtype or self.param_dtype) if dtype is None else dtype
-        return init_kv_cache(batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype)
+        return init_kv_cache(batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype, checked=checked)
 
 
 class RelationAwareAttention(nnx.Module):

@@ -33,6 +33,9 @@ class KVCache:
         v: values [B, S, N, H].
         length: 0-d int64 tensor, the number of positions written.
 
+    ``checked`` (static, set by ``init_kv_cache``) asks for the overflow check inside a
+    compiled step too (see ``update_kv_cache``); ``overflowed`` reads ``length > max_length``.
+
     Updates write into the buffers in place (like a static cache) when autograd is
     not recording, so the returned cache shares them with the old one: the old
     cache still reads its own prefix correctly, but to branch two continuations
@@ -43,42 +46,60 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
     length: torch.Tensor
+    checked: bool = False
 
     @property
     def max_length(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def overflowed(self) -> torch.Tensor:
+        """0-d bool tensor: a write went past max_length (no host sync to compute)."""
+        return self.length > self.max_length
+
     def clone(self) -> "KVCache":
-        return KVCache(self.k.clone(), self.v.clone(), self.length.clone())
+        return KVCache(self.k.clone(), self.v.clone(), self.length.clone(), self.checked)
 
 
 def init_kv_cache(
-    batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=None, device=None
+    batch_size: int, max_length: int, num_heads: int, head_dim: int, *, dtype=None, device=None, checked: bool = False
 ) -> KVCache:
-    """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros."""
+    """An empty cache with buffers [batch_size, max_length, num_heads, head_dim] of zeros.
+
+    ``checked=True`` keeps the overflow check inside ``torch.compile`` (see ``update_kv_cache``).
+    """
     _spec.check_int("batch_size", batch_size)
     _spec.check_int("max_length", max_length)
+    if not isinstance(checked, bool):
+        raise TypeError(f"checked must be a bool, got {checked!r}")
     shape = (batch_size, max_length, num_heads, head_dim)
     k = torch.zeros(shape, dtype=dtype, device=device)
-    return KVCache(k, torch.zeros_like(k), torch.zeros((), dtype=torch.int64, device=k.device))
+    return KVCache(k, torch.zeros_like(k), torch.zeros((), dtype=torch.int64, device=k.device), checked)
 
 
 def update_kv_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
     """Write k_new, v_new [B, T, N, H] at positions [length, length + T).
 
     Raises ValueError on overflow (length + T > max_length) in eager mode. Under
-    ``torch.compile`` the length is not read on the host, so there is no check:
-    ``index_copy_`` then fails with an out-of-range index (a device-side assert on
-    CUDA); keep ``prompt length + new tokens <= max_length``.
+    ``torch.compile`` the length is not read on the host, so by default there is no
+    check: ``index_copy_`` then fails with an out-of-range index (IndexError on CPU,
+    a device-side assert on CUDA). A ``checked`` cache asserts ``length + T <=
+    max_length`` on the device instead (``torch._assert_async``: a RuntimeError whose
+    message starts "cache overflow", a device-side assert on CUDA) and clamps the
+    write so that the assert is the failure.
     """
     _check_update(cache, k_new, v_new)
     T = k_new.shape[1]
-    idx = cache.length + torch.arange(T, device=cache.k.device)  # [T]
+    start = cache.length
+    if cache.checked and torch.compiler.is_compiling():
+        torch._assert_async(cache.length + T <= cache.max_length, _spec.overflow_message(None, T, cache.max_length))
+        start = start.clamp(max=cache.max_length - T)
+    idx = start + torch.arange(T, device=cache.k.device)  # [T]
     if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
         k, v = cache.k.index_copy(1, idx, k_new), cache.v.index_copy(1, idx, v_new)
     else:
         k, v = cache.k.index_copy_(1, idx, k_new), cache.v.index_copy_(1, idx, v_new)
-    return KVCache(k, v, cache.length + T)
+    return KVCache(k, v, cache.length + T, cache.checked)
 
 
 def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None):
@@ -91,6 +112,9 @@ def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask:
         the updated cache.
     """
     _check_type(cache)
+    if mask is not None and hasattr(mask, "shape"):
+        B, T, N, _ = k_new.shape
+        _spec.check_cache_mask(tuple(mask.shape), B, N, T, cache.max_length)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset, device=cache.k.device)  # [T, S]

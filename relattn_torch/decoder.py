@@ -168,12 +168,12 @@ class DecoderLM(nn.Module):
         logits = torch.einsum("BTE,EV->BTV", self.ln_f(x), self.head)
         return logits if cache is None else (logits, new_cache)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None):
-        """One attention KV cache per layer (a list), each from ``attn.init_cache``."""
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, checked: bool = False):
+        """One attention KV cache per layer (a list), each from ``attn.init_cache`` (``checked`` as there)."""
         if not self.cfg.relative and max_length > self.cfg.max_len:
             raise ValueError(f"max_length must be <= max_len ({self.cfg.max_len}) for absolute positions, got {max_length}")
         dtype = dtype or self.tok_emb.dtype
-        return [block.attn.init_cache(batch_size, max_length, dtype=dtype) for block in self.blocks]
+        return [block.attn.init_cache(batch_size, max_length, dtype=dtype, checked=checked) for block in self.blocks]
 
 
 def _check_tokens(tokens, cfg: DecoderConfig) -> None:

@@ -142,14 +142,17 @@ class RelativeMultiHeadAttention(nn.Module):
         out = out if self.b_o is None else out + self.b_o
         return out if cache is None else (out, cache)
 
-    def init_cache(self, batch_size: int, max_length: int, *, dtype=None, device=None) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int, *, dtype=None, device=None, checked: bool = False) -> KVCache:
         """An empty ``KVCache`` for ``forward(x, cache=...)``: buffers [B, max_length, N, H].
 
-        dtype and device default to the parameters'.
+        dtype and device default to the parameters'. ``checked=True``: overflow is
+        checked inside ``torch.compile`` too (see ``update_kv_cache``).
         """
         dtype = self.w_q.dtype if dtype is None else dtype
         device = self.w_q.device if device is None else device
-        return init_kv_cache(batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype, device=device)
+        return init_kv_cache(
+            batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype, device=device, checked=checked
+        )
 
     def extra_repr(self) -> str:
         table = None if self.rel_k is None and self.rel_v is None else tuple((self.rel_k if self.rel_k is not None else self.rel_v).shape)
