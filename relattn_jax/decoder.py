@@ -140,7 +140,8 @@ class DecoderLM(nnx.Module):
         """Next-token logits.
 
         Args:
-            tokens: int [B, T].
+            tokens: int [B, T], ids in [0, vocab_size) (checked unless traced: under
+                ``jit`` an id out of range reads NaN rows, and -1 the last row).
             cache: optional per-layer KV caches from ``init_cache``; the tokens then
                 continue the cached sequence (absolute positions start at its length).
             mask: optional bool mask broadcastable to [B, N, T, S] (True = may attend),
@@ -184,6 +185,8 @@ def _check_tokens(tokens, cfg: DecoderConfig) -> None:
         raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
     if not cfg.relative and tokens.shape[1] > cfg.max_len:
         raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
+    if tokens.size and not isinstance(tokens, jax.core.Tracer):  # traced: out-of-range ids give NaN rows
+        _spec.check_token_range("tokens", int(jnp.min(tokens)), int(jnp.max(tokens)), cfg.vocab_size)
 
 
 def _cache_length(layer_cache):

@@ -21,6 +21,7 @@ traced once however full the cache is.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,12 @@ def generate(
     Args:
         model: see the module docstring; called as given (use ``.eval()`` or a
             deterministic model: dropout must be off).
-        prompt: int tokens [B, P].
+        prompt: int tokens [B, P], B >= 1, P >= 1, ids in [0, vocab_size) (the upper
+            bound is checked when the model has ``cfg.vocab_size`` or ``vocab_size``).
         max_new_tokens: number of tokens to generate (>= 1).
-        temperature: 0 for greedy (argmax); > 0 samples from softmax(logits / temperature).
-        seed: seed of the sampling key; step t draws with ``fold_in(key(seed), t)``.
+        temperature: 0 for greedy (argmax); > 0 (finite) samples from softmax(logits / temperature).
+        seed: seed of the sampling key, an int in [0, 2**32); step t draws with
+            ``fold_in(key(seed), t)``.
         prompt_lengths: int [B], for a batch of right-padded prompts of different
             lengths. The prompts are moved to the right (left padding), the pad slots
             are hidden by a padding mask over the cache and the model is called with
@@ -58,8 +61,12 @@ def generate(
 
     Returns:
         int32 [B, max_new_tokens], the new tokens only.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before anything is traced or run.
     """
-    B, P = _check_args(prompt, max_new_tokens, temperature, prompt_lengths, loop)
+    B, P = _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths, loop)
+    prompt = jnp.asarray(prompt)
     mask = None
     if prompt_lengths is not None:
         prompt, mask = left_pad(prompt, prompt_lengths, P + max_new_tokens)
@@ -130,18 +137,51 @@ def _call(model, tokens, cache, mask):
     return model(tokens, cache=cache) if mask is None else model(tokens, cache=cache, mask=mask)
 
 
-def _check_args(prompt, max_new_tokens, temperature, prompt_lengths, loop) -> tuple[int, int]:
+def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths, loop) -> tuple[int, int]:
+    """Every argument, eagerly (rules and messages as in the torch twin); returns (B, P)."""
+    if not hasattr(prompt, "shape") or not hasattr(prompt, "dtype"):
+        raise TypeError(f"prompt must be an array of int tokens [B, P], got {type(prompt).__name__}")
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
-    _spec.check_int("max_new_tokens", max_new_tokens)
-    if not float(temperature) >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    B, P = prompt.shape
+    _check_scalars(B, P, max_new_tokens, temperature, seed)
     if loop not in ("scan", "eager"):
         raise ValueError(f"loop must be 'scan' or 'eager', got {loop!r}")
-    B, P = prompt.shape
+    if not isinstance(prompt, jax.core.Tracer):  # the jitted loop would read ids out of range silently
+        _spec.check_token_range("prompt", int(jnp.min(prompt)), int(jnp.max(prompt)), _vocab_size(model))
     if prompt_lengths is not None:
+        if not hasattr(prompt_lengths, "dtype") or not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+            raise TypeError(f"prompt_lengths must be an int array [B], got {_describe(prompt_lengths)}")
         if tuple(prompt_lengths.shape) != (B,):
             raise ValueError(f"prompt_lengths must be [B] = [{B}], got shape {_spec.fmt(prompt_lengths.shape)}")
         if int(jnp.min(prompt_lengths)) < 1 or int(jnp.max(prompt_lengths)) > P:
             raise ValueError(f"prompt_lengths must be in [1, P] = [1, {P}], got {list(map(int, prompt_lengths))}")
     return B, P
+
+
+def _check_scalars(B: int, P: int, max_new_tokens, temperature, seed) -> None:
+    """The framework-free rules of generate's arguments (the same function in the torch twin)."""
+    if B < 1 or P < 1:
+        raise ValueError(
+            f"prompt must hold at least one row and one token (B >= 1, P >= 1: generation continues "
+            f"from the last prompt token), got shape [B, P] = [{B}, {P}]"
+        )
+    _spec.check_int("max_new_tokens", max_new_tokens)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 <= float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+
+
+def _vocab_size(model):
+    """The model's vocabulary size (``cfg.vocab_size`` or ``vocab_size``), or None if it has none."""
+    size = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    size = getattr(model, "vocab_size", None) if size is None else size
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _describe(x) -> str:
+    shape = getattr(x, "shape", None)
+    return type(x).__name__ if shape is None else f"shape {_spec.fmt(shape)} dtype {x.dtype}"

@@ -143,7 +143,8 @@ class DecoderLM(nn.Module):
         """Next-token logits.
 
         Args:
-            tokens: int [B, T].
+            tokens: int [B, T], ids in [0, vocab_size) (checked unless compiling; one
+                host sync per call).
             cache: optional per-layer KV caches from ``init_cache``; the tokens then
                 continue the cached sequence (absolute positions start at its length).
             mask: optional bool mask broadcastable to [B, N, T, S] (True = may attend),
@@ -183,6 +184,9 @@ def _check_tokens(tokens, cfg: DecoderConfig) -> None:
         raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
     if not cfg.relative and tokens.shape[1] > cfg.max_len:
         raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
+    if tokens.numel() and not torch.compiler.is_compiling():  # compiled: inductor's own index assert
+        lo, hi = torch.aminmax(tokens)
+        _spec.check_token_range("tokens", int(lo), int(hi), cfg.vocab_size)
 
 
 def _cache_length(layer_cache):

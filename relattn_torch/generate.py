@@ -13,6 +13,8 @@ same weights; sampled tokens differ, the two frameworks' random streams differ).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _spec
@@ -33,10 +35,11 @@ def generate(
     Args:
         model: see the module docstring; it is called as given (call ``.eval()``
             first to disable dropout).
-        prompt: int tokens [B, P].
+        prompt: int tokens [B, P], B >= 1, P >= 1, ids in [0, vocab_size) (the upper
+            bound is checked when the model has ``cfg.vocab_size`` or ``vocab_size``).
         max_new_tokens: number of tokens to generate (>= 1).
-        temperature: 0 for greedy (argmax); > 0 samples from softmax(logits / temperature).
-        seed: seed of the sampling generator (ignored when greedy).
+        temperature: 0 for greedy (argmax); > 0 (finite) samples from softmax(logits / temperature).
+        seed: seed of the sampling generator, an int in [0, 2**32) (ignored when greedy).
         prompt_lengths: int [B], for a batch of right-padded prompts of different
             lengths. The prompts are moved to the right (left padding), the pad slots
             are hidden by a padding mask over the cache and the model is called with
@@ -46,8 +49,11 @@ def generate(
 
     Returns:
         int [B, max_new_tokens], the new tokens only.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before anything runs.
     """
-    B, P = _check_args(prompt, max_new_tokens, temperature, prompt_lengths)
+    B, P = _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths)
     kw = {}
     if prompt_lengths is not None:
         prompt, kw["mask"] = left_pad(prompt, prompt_lengths, P + max_new_tokens)
@@ -84,16 +90,49 @@ def left_pad(prompt: torch.Tensor, lengths: torch.Tensor, max_length: int):
     return torch.gather(prompt, 1, src), (slot[None, :] >= shift[:, None])[:, None, None, :]
 
 
-def _check_args(prompt, max_new_tokens, temperature, prompt_lengths) -> tuple[int, int]:
+def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths) -> tuple[int, int]:
+    """Every argument, eagerly (rules and messages as in the JAX twin); returns (B, P)."""
+    if not isinstance(prompt, torch.Tensor):
+        raise TypeError(f"prompt must be a tensor of int tokens [B, P], got {type(prompt).__name__}")
     if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
-    _spec.check_int("max_new_tokens", max_new_tokens)
-    if not float(temperature) >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     B, P = prompt.shape
+    _check_scalars(B, P, max_new_tokens, temperature, seed)
+    lo, hi = torch.aminmax(prompt)
+    _spec.check_token_range("prompt", int(lo), int(hi), _vocab_size(model))
     if prompt_lengths is not None:
+        if not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.dtype.is_floating_point or prompt_lengths.dtype == torch.bool:
+            raise TypeError(f"prompt_lengths must be an int tensor [B], got {_describe(prompt_lengths)}")
         if tuple(prompt_lengths.shape) != (B,):
             raise ValueError(f"prompt_lengths must be [B] = [{B}], got shape {_spec.fmt(prompt_lengths.shape)}")
         if int(prompt_lengths.min()) < 1 or int(prompt_lengths.max()) > P:
             raise ValueError(f"prompt_lengths must be in [1, P] = [1, {P}], got {prompt_lengths.tolist()}")
     return B, P
+
+
+def _check_scalars(B: int, P: int, max_new_tokens, temperature, seed) -> None:
+    """The framework-free rules of generate's arguments (the same function in the JAX twin)."""
+    if B < 1 or P < 1:
+        raise ValueError(
+            f"prompt must hold at least one row and one token (B >= 1, P >= 1: generation continues "
+            f"from the last prompt token), got shape [B, P] = [{B}, {P}]"
+        )
+    _spec.check_int("max_new_tokens", max_new_tokens)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 <= float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+
+
+def _vocab_size(model):
+    """The model's vocabulary size (``cfg.vocab_size`` or ``vocab_size``), or None if it has none."""
+    size = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    size = getattr(model, "vocab_size", None) if size is None else size
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _describe(x) -> str:
+    shape = getattr(x, "shape", None)
+    return type(x).__name__ if shape is None else f"shape {_spec.fmt(shape)} dtype {x.dtype}"
