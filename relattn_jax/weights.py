@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._weightfile import METADATA, LoadResult, Mismatch, compare, describe, read, write  # noqa: F401 (re-exported)
+from ._weightfile import (  # noqa: F401 (METADATA, LoadResult, Mismatch re-exported)
+    METADATA, LoadResult, Mismatch, check_cast, check_finite, compare, describe, read, write,
+)
 
 # safetensors header dtype -> this framework's dtype (parameters are floating).
 _DTYPES = {"F64": jnp.float64, "F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16}
@@ -38,12 +40,13 @@ def save_weights(module: nnx.Module, path) -> None:
     write(arrays, path)
 
 
-def load_weights(module: nnx.Module, path, *, strict: bool = True) -> LoadResult:
+def load_weights(module: nnx.Module, path, *, strict: bool = True, allow_non_finite: bool = False) -> LoadResult:
     """Copy the tensors of the safetensors file ``path`` into ``module``'s parameters.
 
     Everything is checked before anything is copied, so on any error the module is
     left unchanged. A tensor stored in another floating dtype than its parameter is
-    cast to the parameter's dtype (e.g. a float32 file loads into a float64 module).
+    cast to the parameter's dtype (e.g. a float32 file loads into a float64 module);
+    a cast that turns a finite value into Inf (1e300 into float32) is refused, always.
 
     Args:
         module: the module to fill; its parameter names are the keys looked up.
@@ -51,13 +54,16 @@ def load_weights(module: nnx.Module, path, *, strict: bool = True) -> LoadResult
         strict: if True, any missing, unexpected or mismatched tensor raises one
             ``ValueError`` listing every offending name with expected vs found shape.
             If False, the tensors that match are loaded and the rest are reported.
+        allow_non_finite: if False (default), a tensor holding NaN or Inf raises one
+            ``ValueError`` naming every such tensor (whatever ``strict``); True loads them.
 
     Returns:
         ``LoadResult(missing, unexpected, mismatched)``.
 
     Raises:
         ValueError: the file is not a readable safetensors file (e.g. truncated), or
-            ``strict`` and the file does not match the module.
+            ``strict`` and the file does not match the module, or a tensor holds NaN/Inf
+            (unless ``allow_non_finite``), or a cast to the parameter's dtype overflows.
     """
     found = read(path)
     params, paths = _named_params(module)
@@ -66,7 +72,9 @@ def load_weights(module: nnx.Module, path, *, strict: bool = True) -> LoadResult
     if strict and any(result):
         raise ValueError(describe(path, result, expected, found))
     bad = set(result.missing) | {m.name for m in result.mismatched}
-    new = {paths[n]: _from_bytes(*found[n]).astype(params[n].dtype) for n in params if n not in bad}
+    names = [n for n in params if n not in bad]
+    check_finite(path, found, names, allow_non_finite)
+    new = {paths[n]: _cast(path, n, found[n], params[n].dtype) for n in names}
     nnx.update(module, nnx.from_flat_state({path: jnp.asarray(x) for path, x in new.items()}))
     return result
 
@@ -85,3 +93,14 @@ def _to_bytes(x: jax.Array):
 
 def _from_bytes(dtype: str, shape, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape)
+
+
+def _cast(path, name: str, entry, dtype) -> np.ndarray:
+    """The file tensor in the parameter's dtype; a cast that overflows to Inf is refused."""
+    stored = _from_bytes(*entry)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
+        value = stored.astype(dtype)
+    if value.dtype != stored.dtype:
+        count = int(np.count_nonzero(np.isfinite(stored) & ~np.isfinite(value)))
+        check_cast(path, name, entry[0], np.dtype(dtype).name, count)
+    return value

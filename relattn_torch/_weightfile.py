@@ -11,6 +11,7 @@ import os
 import sys
 from typing import NamedTuple
 
+import numpy as np
 import safetensors
 
 # One key only: the serializer keeps metadata in a hash map, so two keys would come
@@ -18,6 +19,8 @@ import safetensors
 METADATA = {"format": "relattn-v1"}
 # The safetensors dtypes a parameter may be stored in (parameters are floating).
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Each floating dtype's bits as an unsigned int and its exponent field: all ones is Inf or NaN.
+_EXPONENT = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
 
 
 class Mismatch(NamedTuple):
@@ -95,3 +98,43 @@ def describe(path, result: LoadResult, expected: dict, found: dict) -> str:
         for m in result.mismatched
     ]
     return "\n".join(lines)
+
+
+def count_non_finite(dtype: str, data) -> int:
+    """Number of NaN/Inf values in little-endian ``data`` of a floating safetensors dtype.
+
+    Read off the exponent bits, so it needs no framework and no cast (bfloat16 included).
+    """
+    kind, exponent = _EXPONENT[dtype]
+    bits = np.frombuffer(data, dtype=kind)
+    return int(np.count_nonzero((bits & np.array(exponent, kind)) == exponent))
+
+
+def check_finite(path, found: dict, names, allow_non_finite: bool) -> None:
+    """Refuse file tensors holding NaN or Inf (one ValueError naming each), unless allowed."""
+    if allow_non_finite:
+        return
+    counts = {n: count_non_finite(found[n][0], found[n][2]) for n in sorted(names)}
+    bad = [f"  {n}: {c} of {_size(found[n][1])} values" for n, c in counts.items() if c]
+    if bad:
+        raise ValueError(
+            f"weight file {os.fspath(path)!r} holds non-finite values (NaN or Inf); nothing was loaded "
+            f"(pass allow_non_finite=True to load them anyway):\n" + "\n".join(bad)
+        )
+
+
+def check_cast(path, name: str, stored: str, target: str, count: int) -> None:
+    """Refuse a cast that turns ``count`` finite stored values into Inf (out of the target's range)."""
+    if count:
+        raise ValueError(
+            f"weight file {os.fspath(path)!r}: tensor {name} stored as {stored} does not fit its parameter's "
+            f"dtype {target}: the cast turns {count} finite value(s) into Inf (beyond the {target} range); "
+            f"nothing was loaded"
+        )
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

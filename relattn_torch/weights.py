@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._weightfile import METADATA, LoadResult, Mismatch, compare, describe, read, write  # noqa: F401 (re-exported)
+from ._weightfile import (  # noqa: F401 (METADATA, LoadResult, Mismatch re-exported)
+    METADATA, LoadResult, Mismatch, check_cast, check_finite, compare, describe, read, write,
+)
 
 # safetensors header dtype -> this framework's dtype (parameters are floating).
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -34,12 +36,13 @@ def save_weights(module: torch.nn.Module, path) -> None:
     write(arrays, path)
 
 
-def load_weights(module: torch.nn.Module, path, *, strict: bool = True) -> LoadResult:
+def load_weights(module: torch.nn.Module, path, *, strict: bool = True, allow_non_finite: bool = False) -> LoadResult:
     """Copy the tensors of the safetensors file ``path`` into ``module``'s parameters.
 
     Everything is checked before anything is copied, so on any error the module is
     left unchanged. A tensor stored in another floating dtype than its parameter is
-    cast to the parameter's dtype (e.g. a float32 file loads into a float64 module).
+    cast to the parameter's dtype (e.g. a float32 file loads into a float64 module);
+    a cast that turns a finite value into Inf (1e300 into float32) is refused, always.
 
     Args:
         module: the module to fill; its parameter names are the keys looked up.
@@ -47,13 +50,16 @@ def load_weights(module: torch.nn.Module, path, *, strict: bool = True) -> LoadR
         strict: if True, any missing, unexpected or mismatched tensor raises one
             ``ValueError`` listing every offending name with expected vs found shape.
             If False, the tensors that match are loaded and the rest are reported.
+        allow_non_finite: if False (default), a tensor holding NaN or Inf raises one
+            ``ValueError`` naming every such tensor (whatever ``strict``); True loads them.
 
     Returns:
         ``LoadResult(missing, unexpected, mismatched)``.
 
     Raises:
         ValueError: the file is not a readable safetensors file (e.g. truncated), or
-            ``strict`` and the file does not match the module.
+            ``strict`` and the file does not match the module, or a tensor holds NaN/Inf
+            (unless ``allow_non_finite``), or a cast to the parameter's dtype overflows.
     """
     found = read(path)
     params = dict(module.named_parameters())
@@ -62,7 +68,9 @@ def load_weights(module: torch.nn.Module, path, *, strict: bool = True) -> LoadR
     if strict and any(result):
         raise ValueError(describe(path, result, expected, found))
     bad = set(result.missing) | {m.name for m in result.mismatched}
-    new = {n: _from_bytes(*found[n]).to(params[n].dtype) for n in params if n not in bad}
+    names = [n for n in params if n not in bad]
+    check_finite(path, found, names, allow_non_finite)
+    new = {n: _cast(path, n, found[n], params[n].dtype) for n in names}
     with torch.no_grad():
         for name, value in new.items():
             params[name].copy_(value)
@@ -79,3 +87,13 @@ def _from_bytes(dtype: str, shape, data: bytes) -> torch.Tensor:
     if not data:
         return torch.empty(shape, dtype=_DTYPES[dtype])
     return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype]).reshape(shape)
+
+
+def _cast(path, name: str, entry, dtype: torch.dtype) -> torch.Tensor:
+    """The file tensor in the parameter's dtype; a cast that overflows to Inf is refused."""
+    stored = _from_bytes(*entry)
+    value = stored.to(dtype)
+    if value.dtype != stored.dtype:
+        count = int((torch.isfinite(stored) & ~torch.isfinite(value)).sum())
+        check_cast(path, name, entry[0], str(dtype).removeprefix("torch."), count)
+    return value
