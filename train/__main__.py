@@ -26,12 +26,16 @@ def main(argv=None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
+    from .multihost import PeerLost
     from .rundir import RunError
 
     try:
         run_command(command, rest)
     except RunError as e:
-        print(f"python -m train {command}: error: {e}", file=sys.stderr)
+        print(f"python -m train {command}: error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, PeerLost):
+            sys.stdout.flush()
+            os._exit(1)  # not through JAX's shutdown barrier, which would wait for the lost peer
         raise SystemExit(1) from None
 
 
@@ -52,7 +56,9 @@ def run_command(command: str, rest: list[str]) -> None:
         run_demo(cfg)
     elif command == "jax":
         if distributed:
-            init_distributed()
+            from .multihost import jax_initialize
+
+            jax_initialize(cfg.peer_timeout)  # before any JAX computation
         from .jax_train import train
 
         train(cfg)
@@ -60,20 +66,6 @@ def run_command(command: str, rest: list[str]) -> None:
         from .torch_train import train
 
         train(cfg)
-
-
-def init_distributed() -> None:
-    """``jax.distributed.initialize()`` before any JAX computation.
-
-    Cloud TPU, SLURM and Open MPI are detected automatically; elsewhere set
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    """
-    import jax
-
-    kw = {}
-    if "JAX_NUM_PROCESSES" in os.environ:
-        kw = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kw)
 
 
 if __name__ == "__main__":

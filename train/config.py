@@ -55,6 +55,7 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     crash_at_step: int = -1  # test hook: SIGKILL this process right after that step
+    peer_timeout: int = 300  # seconds a process of a multi-process run waits for the others, then stops
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -114,6 +115,7 @@ _RULES = [
     ("ckpt_every", lambda v: v >= 1, ">= 1"),
     ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
     ("eval_batches", lambda v: v >= 1, ">= 1"),
+    ("peer_timeout", lambda v: v >= 1, ">= 1"),
 ]
 
 

@@ -4,8 +4,9 @@ The batch axis is sharded over every device ``jax.devices()`` returns (a 1-D Mes
 named ``data``; parameters and optimizer state are replicated), so the same code
 runs on one CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, a GPU or a
 TPU slice. Multi-host: call ``jax.distributed.initialize()`` first (``--distributed``
-in ``python -m train jax``); each host then generates the global batch and keeps its
-own rows (the batch is a pure function of seed and step).
+in ``python -m train jax``, see ``train/multihost.py``); each host then generates the global
+batch and keeps its own rows (the batch is a pure function of seed and step). Process 0
+alone writes the run's files; orbax writes the checkpoints collectively.
 
 Checkpoints (orbax) hold {model, optimizer} and {step, config}; the last
 ``--keep-checkpoints`` are kept, and ``--resume`` restores the newest one that passes its
@@ -17,6 +18,7 @@ the default backend; ``cpu`` and ``cuda[:i]`` pick from ``jax.devices("cpu")`` /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -31,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import rundir, tasks
+from . import multihost, rundir, tasks
 from .config import TrainConfig, decays
 from .report import MetricsLog, progress
 from .rundir import RunError, note
@@ -213,11 +215,12 @@ class Trainer:
             except RunError:
                 raise
             except Exception as e:  # a torn or foreign step: orbax and the checks raise many types
+                if isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1:
+                    raise  # a lost peer, not a torn checkpoint: delete nothing
                 reasons.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 note(f"checkpoint {manager.directory}/{step} is not valid ({reasons[-1]}); "
                      f"falling back to the one before it")
-                if jax.process_index() == 0:
-                    manager.delete(step)
+                manager.delete(step)  # collective (a barrier); orbax deletes on process 0 only
         return None, reasons
 
     def load_step(self, manager, step: int) -> None:
@@ -264,18 +267,36 @@ def train(cfg: TrainConfig, devices=None) -> dict:
         RunError: the output directory holds another run or nothing to resume, the flags
             differ from the resumed run's, or the loss became non-finite (the checkpoints
             written before that are kept).
+        multihost.PeerLost: (several processes) a collective failed: another process died,
+            hangs past ``--peer-timeout`` or cannot be reached; the checkpoints are kept.
     """
     out = Path(cfg.out_dir)
     devices = select_devices(cfg.device) if devices is None else devices  # fails before out_dir is touched
-    # Process 0 claims or checks the directory; the others follow its decision.
-    is_resume = rundir.prepare(cfg, "jax") if jax.process_index() == 0 else cfg.resume
-    _sync("relattn-train-prepare")
-    trainer = Trainer(cfg, devices)
-    manager = trainer.checkpointer()
-    start = resume(trainer, manager) if is_resume else 0
-    log = MetricsLog(out / "metrics.jsonl", keep_until=start)
+    writer, manager = jax.process_index() == 0, None
+    try:
+        # Process 0 claims or checks the directory; the others follow its decision (or stop with it).
+        is_resume = multihost.agree_on_start(cfg, "jax", is_writer=writer,
+                                              broadcast=_broadcast if jax.process_count() > 1 else None)
+        trainer = Trainer(cfg, devices)
+        manager = trainer.checkpointer()
+        start = resume(trainer, manager) if is_resume else 0
+        last = _loop(trainer, manager, start, writer)
+        manager.wait_until_finished()
+        return finish(trainer, last, out)
+    except jax.errors.JaxRuntimeError as e:  # gloo / NCCL / ICI: a peer died (connection closed) or timed out
+        if jax.process_count() == 1:
+            raise
+        newest = manager.latest_step() if manager is not None else None
+        where = None if newest is None else f"{manager.directory}/{newest}"
+        raise multihost.PeerLost(e, where, cfg.peer_timeout) from e
+
+
+def _loop(trainer: Trainer, manager, start: int, writer: bool) -> dict:
+    """Steps ``start`` to ``cfg.steps``: log, check finiteness, checkpoint; the last logged metrics."""
+    cfg, out = trainer.cfg, Path(trainer.cfg.out_dir)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=start) if writer else None
     tokens_per_step = cfg.batch_size * tasks.seq_len(cfg.task, cfg.length)
-    bar = progress(cfg, start, "jax")
+    bar = progress(cfg if writer else dataclasses.replace(cfg, progress=False), start, "jax")
     last, t0, since, checked, finite = {}, time.perf_counter(), start, start, jnp.asarray(True)
     for step in range(start, cfg.steps):
         loss, acc = trainer.step(step)
@@ -290,7 +311,8 @@ def train(cfg: TrainConfig, devices=None) -> dict:
             loss, acc = float(loss), float(acc)  # the host syncs at log steps only
             dt = time.perf_counter() - t0
             last = {"step": done, "loss": loss, "acc": acc, "tokens_per_s": tokens_per_step * (done - since) / dt}
-            log.write(last)
+            if log is not None:
+                log.write(last)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             t0, since = time.perf_counter(), done
         bar.update(1)
@@ -299,15 +321,14 @@ def train(cfg: TrainConfig, devices=None) -> dict:
         if done == cfg.crash_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    manager.wait_until_finished()
-    return finish(trainer, last, out)
+    return last
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _broadcast(value: int) -> int:
+    """Process 0's ``value`` on every process (a collective of a multi-process run)."""
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _nonfinite_message(manager, checked: int, done: int) -> str:

@@ -26,7 +26,7 @@ METRICS = "metrics.jsonl"
 # Fields that may differ between a run and its resumption: they change how the run is
 # logged, checkpointed or executed, not what it computes. ``steps`` may grow (checked apart).
 RESUMABLE = frozenset({"log_every", "ckpt_every", "keep_checkpoints", "progress", "resume", "overwrite",
-                       "allow_fresh", "crash_at_step", "out_dir", "device", "compile"})
+                       "allow_fresh", "crash_at_step", "out_dir", "device", "compile", "peer_timeout"})
 
 
 class RunError(RuntimeError):

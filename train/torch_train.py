@@ -5,7 +5,9 @@ the device (``auto``: CUDA when available, else the CPU); ``--precision bfloat16
 the forward pass under ``torch.autocast`` in bfloat16 with float32 parameters, gradients,
 optimizer state and checkpoints. Under ``torchrun`` (``WORLD_SIZE`` set) it runs
 DistributedDataParallel with gloo on CPU (nccl on CUDA): every rank draws the global batch
-and trains on its own rows; DDP averages the gradients.
+and trains on its own rows; DDP averages the gradients. Rank 0 alone writes the run's files
+and checkpoints; every wait on another rank is bounded by ``--peer-timeout`` (see
+``train/multihost.py``).
 
 AdamW is ``torch.optim.AdamW`` (eps outside the square root, bias-corrected moments,
 decoupled decay p <- p - lr * wd * p), the learning rate is set every step from
@@ -16,6 +18,7 @@ match ``optax.clip_by_global_norm`` exactly (torch's ``clip_grad_norm_`` adds 1e
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -23,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
-from . import tasks
-from . import rundir
+from . import multihost, rundir, tasks
 from .config import TrainConfig, decays, lr_at
 from .report import MetricsLog, progress
 from .rundir import RunError, note
@@ -95,7 +98,8 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = select_device(cfg.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            timeout = datetime.timedelta(seconds=cfg.peer_timeout)  # start-up and every collective
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timeout)
         self.rank = dist.get_rank() if self.world > 1 else 0
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size must be divisible by WORLD_SIZE {self.world}, got {cfg.batch_size}")
@@ -142,6 +146,14 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), acc
+
+    def broadcast(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
 
     def global_mean(self, *values):
         """Average scalars over DDP ranks (each rank's loss covers its own rows)."""
@@ -261,17 +273,35 @@ def train(cfg: TrainConfig) -> dict:
         RunError: the output directory holds another run or nothing to resume, the flags
             differ from the resumed run's, or the loss became non-finite (the checkpoints
             written before that are kept).
+        multihost.PeerLost: (under torchrun) a collective failed: another rank died, hangs past
+            ``--peer-timeout`` or cannot be reached; the checkpoints are kept.
     """
     select_device(cfg.device)  # an unavailable device fails before out_dir is touched
-    # Rank 0 (RANK is set by torchrun) claims or checks the directory; the others follow its decision.
-    is_resume = rundir.prepare(cfg, "torch") if int(os.environ.get("RANK", "0")) == 0 else cfg.resume
     trainer = Trainer(cfg)
-    if trainer.world > 1:
-        import torch.distributed as dist
+    try:
+        # Rank 0 claims or checks the directory; the others follow its decision (or stop with it).
+        is_resume = multihost.agree_on_start(cfg, "torch", is_writer=trainer.rank == 0,
+                                             broadcast=trainer.broadcast if trainer.world > 1 else None)
+        start = resume(trainer) if is_resume else 0
+        last = _loop(trainer, start)
+        return finish(trainer, last, Path(cfg.out_dir))
+    except RuntimeError as e:  # gloo / nccl: a peer died (connection closed) or timed out
+        if trainer.world == 1 or not _lost_peer(e):
+            raise
+        kept = trainer.checkpoints()
+        raise multihost.PeerLost(e, kept[-1][1] if kept else None, cfg.peer_timeout) from e
 
-        dist.barrier()  # rank 0 has claimed or checked the directory
-    start = resume(trainer) if is_resume else 0
-    out = Path(cfg.out_dir)
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """A failed collective: DDP's backward raises gloo's and nccl's errors as plain RuntimeErrors."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        word in text for word in ("gloo", "NCCL", "Connection", "timed out", "Timed out"))
+
+
+def _loop(trainer: Trainer, start: int) -> dict:
+    """Steps ``start`` to ``cfg.steps``: log, check finiteness, checkpoint; the last logged metrics."""
+    cfg, out = trainer.cfg, Path(trainer.cfg.out_dir)
     log = MetricsLog(out / "metrics.jsonl", keep_until=start) if trainer.rank == 0 else None
     tokens_per_step = cfg.batch_size * tasks.seq_len(cfg.task, cfg.length)
     bar = progress(cfg if trainer.rank == 0 else _quiet(cfg), start, "torch")
@@ -291,7 +321,7 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
             last = {"step": done, "loss": float(loss), "acc": float(acc),
                     "tokens_per_s": tokens_per_step * (done - since) / dt}
-            if log:
+            if log is not None:
                 log.write(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['acc']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             t0, since = time.perf_counter(), done
@@ -301,7 +331,7 @@ def train(cfg: TrainConfig) -> dict:
         if done == cfg.crash_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    return finish(trainer, last, out)
+    return last
 
 
 def _nonfinite_message(trainer: Trainer, checked: int, done: int) -> str:
