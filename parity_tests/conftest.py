@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -48,6 +49,9 @@ def bk(request):
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False, help="run slow sweeps and long checks")
+    parser.addoption("--cases-per-test", type=int, default=0, metavar="N",
+                     help="keep the first N cases of each test function that the installed frameworks run "
+                          "(cases of a missing framework are kept: they skip); .ci/run's extra environments")
 
 
 def pytest_configure(config):
@@ -61,9 +65,33 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    _keep_cases_per_test(config, items)
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _keep_cases_per_test(config, items):
+    """With --cases-per-test N, deselect all but the first N runnable cases of each test function.
+
+    A case parametrized by a framework that is not installed ("torch" / "jax" as a parameter value)
+    is kept and not counted: it skips, which is what the one-framework environments check."""
+    limit = config.getoption("--cases-per-test")
+    if limit <= 0:
+        return
+    missing = {name for name in ("torch", "jax") if importlib.util.find_spec(name) is None}
+    kept, dropped, seen = [], [], {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if missing & {v for v in params.values() if isinstance(v, str)} or "slow" in item.keywords:
+            kept.append(item)
+            continue
+        key = (item.path, item.originalname)
+        seen[key] = seen.get(key, 0) + 1
+        (kept if seen[key] <= limit else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -213,7 +213,7 @@ def test_cache_errors_name_the_argument(name):
 def test_torch_cache_is_functional_and_autograd_safe():
     """The old cache keeps its length; in-place (no_grad) and out-of-place (autograd)
     writes agree; gradients through a cached forward equal the full forward's."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     b = backend("torch")
     m = make_module(b, dict(E=6, N=2, H=3, max_distance=2, share=False))
@@ -237,7 +237,7 @@ def test_torch_cache_is_functional_and_autograd_safe():
 
 
 def test_jax_jitted_decode_step_traces_once():
-    import jax
+    jax = pytest.importorskip("jax")
     from flax import nnx
 
     b = backend("jax")
@@ -261,7 +261,7 @@ def test_jax_jitted_decode_step_traces_once():
 
 
 def test_torch_compiled_decode_step_compiles_once():
-    import torch
+    torch = pytest.importorskip("torch")
     from torch._dynamo.testing import CompileCounter
 
     b = backend("torch")
@@ -285,8 +285,8 @@ def test_torch_compiled_decode_step_compiles_once():
 def test_overflow_under_jit_and_compile_is_as_documented():
     """No host check when traced/compiled: JAX clamps the write (length runs past
     max_length, the last slot is overwritten); torch's compiled index_copy_ raises IndexError."""
-    import jax
-    import torch
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
     from torch._dynamo.testing import CompileCounter
 
     from relattn_jax.cache import init_kv_cache, update_kv_cache
@@ -321,6 +321,7 @@ def tiny_lm_class(name):
     """Embedding -> RelativeMultiHeadAttention -> head: the smallest model generate() accepts.
 
     Built once per framework, so JAX sees one graph definition (one compile) across tests."""
+    pytest.importorskip(name)  # skips the test where that framework is not installed
     E, N, max_distance = 8, 2, 3
     if name == "torch":
         import torch
@@ -347,7 +348,7 @@ def tiny_lm_class(name):
                 return h @ self.head, cache
 
         return TinyLM
-    import jax
+    jax = pytest.importorskip("jax")
     import jax.numpy as jnp
     from flax import nnx
 
@@ -477,7 +478,7 @@ def test_generate_with_decoder_lm_across_frameworks():
     td = pytest.importorskip("relattn_torch.decoder")
     jd = pytest.importorskip("relattn_jax.decoder")
     import jax.numpy as jnp
-    import torch
+    torch = pytest.importorskip("torch")
     from flax import nnx
 
     cfg = dict(vocab_size=13, embed_dim=8, num_heads=2, num_layers=2, mlp_dim=16, max_distance=3, max_len=32)
@@ -497,7 +498,7 @@ def test_generate_right_padded_with_decoder_lm():
     td = pytest.importorskip("relattn_torch.decoder")
     if "mask" not in inspect.signature(td.DecoderLM.forward).parameters:
         pytest.skip("this DecoderLM does not accept mask=")
-    import torch
+    torch = pytest.importorskip("torch")
 
     cfg = td.DecoderConfig(vocab_size=13, embed_dim=8, num_heads=2, num_layers=2, mlp_dim=16, max_distance=3)
     model = td.DecoderLM(cfg, dtype=torch.float64).eval()

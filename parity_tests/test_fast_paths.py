@@ -140,6 +140,7 @@ def test_auto_switches_to_blockwise_above_threshold(fw, monkeypatch):
 
 
 def test_torch_auto_picks_banded_shaw_path(monkeypatch):
+    pytest.importorskip("torch")
     import relattn_torch.attention as attention
 
     be = backend("torch")

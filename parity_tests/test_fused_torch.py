@@ -22,7 +22,8 @@ import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+torch = pytest.importorskip("torch")
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402

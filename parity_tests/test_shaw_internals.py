@@ -33,6 +33,7 @@ CHUNKED_SHAW_CASES = [
 @pytest.mark.parametrize("case", CHUNKED_SHAW_CASES, ids=lambda c: c.id)
 def test_torch_shaw_chunks_and_tiles(case, chunk_rows, monkeypatch):
     """Chunk sizes of 1, 3 and 7 backward rows (band block 3 or 1) give the oracle's output, the einsum grads."""
+    pytest.importorskip("torch")
     import relattn_torch.shaw
 
     monkeypatch.setattr(relattn_torch.shaw, "_CHUNK_ELEMENTS", chunk_rows * B * N * H)
@@ -46,6 +47,7 @@ def test_torch_shaw_chunks_and_tiles(case, chunk_rows, monkeypatch):
 
 def test_torch_shaw_tail_calls_cover_each_tail_once():
     """Every (query, key) pair of a tail is in exactly one fused call, for every chunk and tile size."""
+    pytest.importorskip("torch")
     from relattn_torch._shaw_plan import tail_calls
 
     for case in CHUNKED_SHAW_CASES + SHAW_CASES:

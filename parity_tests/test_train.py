@@ -302,8 +302,9 @@ def _twins(position, tmp_path):
 
 @pytest.mark.parametrize("position", ["relative", "absolute"])
 def test_decoder_twins_same_names_and_logits(position, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
     import jax.numpy as jnp
-    import torch
 
     jm, tm = _twins(position, tmp_path)
     names = {n: tuple(p.shape) for n, p in tm.named_parameters()}
@@ -320,8 +321,9 @@ def test_decoder_twins_same_names_and_logits(position, tmp_path):
 
 @pytest.mark.parametrize("position", ["relative", "absolute"])
 def test_decoder_cache_continues_the_sequence(position, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
     import jax.numpy as jnp
-    import torch
 
     jm, tm = _twins(position, tmp_path)
     tokens = np.random.default_rng(1).integers(0, 11, (2, 9))
@@ -338,8 +340,9 @@ def test_decoder_cache_continues_the_sequence(position, tmp_path):
 
 
 def test_decoder_greedy_generation_agrees(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
     import jax.numpy as jnp
-    import torch
 
     import relattn_jax as rj
     import relattn_torch as rt
@@ -353,8 +356,9 @@ def test_decoder_greedy_generation_agrees(tmp_path):
 
 
 def test_decoder_errors_name_the_argument(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
     import jax.numpy as jnp
-    import torch
 
     jm, tm = _twins("absolute", tmp_path)
     with pytest.raises(TypeError, match="tokens must be an integer"):
