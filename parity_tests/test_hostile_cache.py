@@ -106,7 +106,7 @@ def test_checked_cache_under_nnx_jit():
 
 def test_checked_cache_under_lax_scan():
     """The check also fires from inside a scan body (one jitted program)."""
-    import jax
+    jax = pytest.importorskip("jax")
 
     b = backend("jax")
     m = attn(b)
@@ -129,7 +129,7 @@ def test_checked_cache_under_lax_scan():
 
 
 def torch_step(m, compile_backend):
-    import torch
+    torch = pytest.importorskip("torch")
 
     torch._dynamo.reset()
     return torch.compile(lambda x_t, c: m(x_t, cache=c), backend=compile_backend, fullgraph=True)
@@ -142,7 +142,7 @@ def test_checked_cache_under_torch_compile(compile_backend):
 
     aot_eager runs the traced, functionalized graph (fast); inductor, the compiler users hit,
     lowers the assert to a C++ check (about 10 s to compile on CPU, so under --slow)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     b = backend("torch")
     m = attn(b).eval()
@@ -163,7 +163,7 @@ def test_checked_cache_under_torch_compile(compile_backend):
 
 
 def test_checked_cache_compiles_once():
-    import torch
+    torch = pytest.importorskip("torch")
     from torch._dynamo.testing import CompileCounter
 
     b = backend("torch")
