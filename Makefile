@@ -2,11 +2,12 @@
 #   make demo   -> create .venv, install pinned deps, run the main job
 #   make test   -> create .venv, install pinned deps, run the test suite
 #   make docs   -> build the documentation site into site/ (mkdocs, --strict)
+#   make packaging -> the wheel, mypy, and the torch-only / jax-only / jax-floor venvs (.ci/packaging)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow docs
+.PHONY: setup demo test test-slow docs packaging
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,3 +29,6 @@ test-slow: setup
 
 docs: setup
 	$(BIN)/python -m mkdocs build --strict -q
+
+packaging: setup
+	bash .ci/packaging

@@ -160,3 +160,75 @@ def test_decoder_configs_are_the_same_in_both_packages():
         return [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]
 
     assert fields(TorchConfig) == fields(JaxConfig) and len(fields(TorchConfig)) >= 8
+
+
+# -- the distribution: one version, tested floors (issue 14) -------------------------------------
+
+PYPROJECT = ROOT / "pyproject.toml"
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads(PYPROJECT.read_text())
+
+
+def _lower_bounds() -> dict[str, str]:
+    """Every ``name>=X`` in pyproject's dependencies and extras (not the dev tools): {name: X}."""
+    from packaging.requirements import Requirement
+
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + [r for name in ("torch", "jax", "train", "fused") for r in extras[name]]
+    bounds = {}
+    for text in requirements:
+        req = Requirement(text)
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                bounds[req.name] = spec.version
+    return bounds
+
+
+def _pins(path: pathlib.Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+@pytest.mark.parametrize("package", ["relattn_torch", "relattn_jax"])
+def test_version_is_the_one_in_pyproject(package):
+    """``__version__`` is read from the installed distribution, whose version is pyproject's (a stale
+    install, or a copy of the version in the code, would differ after a bump)."""
+    pytest.importorskip("torch" if package == "relattn_torch" else "jax")
+    import importlib
+
+    version = importlib.import_module(package).__version__
+    assert version == _pyproject()["project"]["version"], f"{package}.__version__ is {version}: reinstall (make setup)"
+
+
+def test_declared_jax_side_bounds_are_the_floor_venvs_pins():
+    """The floor venv of .ci/packaging installs exactly the declared lower bounds of the jax side."""
+    bounds = _lower_bounds()
+    pins = _pins(ROOT / "requirements" / "floor-jax.txt")
+    jax_side = ["numpy", "safetensors", "jax", "flax", "optax", "orbax-checkpoint", "matplotlib", "tqdm"]
+    from packaging.version import Version
+
+    assert {n: Version(bounds[n]) for n in jax_side} == {n: Version(pins[n]) for n in jax_side}
+    assert pins["jaxlib"] == pins["jax"]
+
+
+def test_declared_torch_bound_is_the_tested_torch():
+    """torch's lower bound is the one torch CI installs (the pinned CPU build)."""
+    pins = _pins(ROOT / "requirements" / "constraints.txt")
+    assert _lower_bounds()["torch"] == ".".join(pins["torch"].split(".")[:2]), pins["torch"]
+
+
+def test_both_packages_ship_py_typed():
+    setuptools = _pyproject()["tool"]["setuptools"]
+    for package in setuptools["packages"]:
+        assert (ROOT / package / "py.typed").exists(), package
+        assert "py.typed" in setuptools["package-data"][package], package

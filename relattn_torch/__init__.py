@@ -3,6 +3,8 @@
 The twin of ``relattn_jax``: same names, same equations, same weight layout.
 """
 
+from importlib import metadata as _metadata
+
 from .attention import masked_softmax, relative_attention
 from .cache import KVCache
 from .choice import Choice, choose_implementation
@@ -34,4 +36,8 @@ __all__ = [
     "relative_attention",
     "relative_position_ids",
 ]
-__version__ = "0.1.0"
+
+try:  # the one version source is pyproject.toml; an installed (or editable) relattn carries it
+    __version__ = _metadata.version("relattn")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
