@@ -65,6 +65,27 @@ def test_overflow_eager_raises_checked_or_not(name, checked):
         m(b.array(X[:, :2]), cache=cache)
 
 
+def test_a_write_longer_than_the_cache_is_refused_even_when_traced():
+    """T > max_length is known from the shapes alone: a ValueError under jit / compile too
+    (torch.compile with fullgraph=True wraps it, as every input check, in dynamo's Unsupported)."""
+    import torch
+
+    pytest.importorskip("jax")
+    message = r"cache overflow: the cache length \+ 5 new positions > max_length 4"
+    jb = backend("jax")
+    m = attn(jb)
+    step = jb.nnx.jit(lambda m, x, c: m(x, cache=c))
+    with pytest.raises(ValueError, match=message):
+        step(m, jb.array(np.zeros((2, 5, 4))), m.init_cache(2, 4))
+    tm = attn(backend("torch")).eval()
+    x = torch.zeros(2, 5, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        torch.compile(lambda x_t, c: tm(x_t, cache=c), backend="eager")(x, tm.init_cache(2, 4))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=message):
+        torch_step(tm, "eager")(x, tm.init_cache(2, 4))
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_checked_must_be_a_bool(name):
     b = backend(name)

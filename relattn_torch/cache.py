@@ -131,5 +131,7 @@ def _check_update(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> N
     _spec.check_cache_buffers(tuple(cache.k.shape), tuple(cache.v.shape), tuple(k_new.shape), cache.max_length)
     if cache.k.dtype != k_new.dtype or cache.v.dtype != v_new.dtype:
         raise TypeError(f"cache dtype must be the keys' dtype {k_new.dtype}, got {cache.k.dtype}")
+    if k_new.shape[1] > cache.max_length:  # static: refused even when traced, checked or not
+        raise ValueError(_spec.overflow_message(None, k_new.shape[1], cache.max_length))
     if not torch.compiler.is_compiling():
         _spec.check_cache_room(int(cache.length), k_new.shape[1], cache.max_length)
