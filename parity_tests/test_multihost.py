@@ -114,25 +114,32 @@ def _jax_env(cache: Path, host_devices: int = 1, **extra) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
 
 
-def jax_processes(out: Path, cache: Path, *flags, per_process=((), ()), host_devices: int = 1) -> list[Proc]:
-    """``python -m train jax --distributed`` as processes 0 and 1 of one run on 127.0.0.1."""
+def jax_processes(out: Path, cache: Path, *flags, own=None, host_devices: int = 1, started=(0, 1),
+                  peer_timeout: int = PEER_TIMEOUT) -> list[Proc]:
+    """``python -m train jax --distributed``: the processes ``started`` of a 2-process run on 127.0.0.1.
+
+    ``own`` maps a process id to flags for that process alone.
+    """
     port = _free_port()
     argvs, envs = [], []
-    for i, own in enumerate(per_process):
+    for i in started:
         argvs.append([sys.executable, "-m", "train", "jax", "--distributed", *FLAGS, "--out-dir", str(out),
-                      "--peer-timeout", str(PEER_TIMEOUT), *flags, *own])
+                      "--peer-timeout", str(peer_timeout), *flags, *(own or {}).get(i, ())])
         envs.append(_jax_env(cache, host_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                             JAX_NUM_PROCESSES=str(len(per_process)), JAX_PROCESS_ID=str(i)))
+                             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
     return _run_group(argvs, envs, out.with_name(out.name + f"-logs-{port}"))
 
 
-def torch_nodes(out: Path, *flags, per_node=((), ())) -> list[Proc]:
-    """Two torchrun nodes of one rank each (static rendezvous on 127.0.0.1: node i is rank i)."""
+def torch_nodes(out: Path, *flags, own=None) -> list[Proc]:
+    """Two torchrun nodes of one rank each (static rendezvous on 127.0.0.1: node i is rank i).
+
+    ``own`` maps a node rank to flags for that node alone.
+    """
     port = _free_port()
-    argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(per_node)), "--node-rank", str(i),
+    argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
               "--max-restarts", "0", "-m", "train", "torch", *FLAGS, "--out-dir", str(out),
-              "--peer-timeout", str(PEER_TIMEOUT), *flags, *own] for i, own in enumerate(per_node)]
+              "--peer-timeout", str(PEER_TIMEOUT), *flags, *(own or {}).get(i, ())] for i in (0, 1)]
     return _run_group(argvs, [_env()] * len(argvs), out.with_name(out.name + f"-logs-{port}"))
 
 
@@ -236,7 +243,7 @@ def jax_runs(tmp_path_factory):
     procs["two"] = jax_processes(runs["two"], cache)
     procs["killed"] = jax_processes(runs["resumed"], cache, "--crash-at-step", str(KILL_AT))
     procs["resumed"] = jax_processes(runs["resumed"], cache, "--resume")
-    procs["lost"] = jax_processes(runs["lost"], cache, per_process=((), ("--crash-at-step", "3")))
+    procs["lost"] = jax_processes(runs["lost"], cache, own={1: ("--crash-at-step", "3")})
     return runs, procs
 
 
@@ -277,6 +284,43 @@ def test_jax_lost_process_stops_the_other_and_keeps_the_checkpoint(jax_runs):
         np.testing.assert_array_equal(kept[k], ref[k], err_msg=k)
 
 
+def test_jax_process_without_its_peer_stops(tmp_path):
+    """Process 1 started alone: no coordinator answers, and JAX stops it soon after --peer-timeout."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    (p1,) = jax_processes(out, tmp_path / "xla_cache", started=(1,), peer_timeout=5)
+    assert p1.returncode != 0 and p1.ended - t0 < 60, p1.stderr[-3000:]
+    assert "waiting up to --peer-timeout 5 s for the other processes" in p1.stderr  # ours, before JAX aborts
+    assert "DEADLINE_EXCEEDED" in p1.stderr  # JAX's: the coordinator was not reached in time
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_jax_two_processes_of_two_devices_match_one_device(tmp_path):
+    pytest.importorskip("orbax.checkpoint")
+    cache = tmp_path / "xla_cache"
+    _ok([single("jax", tmp_path / "one", cache)])
+    _ok(jax_processes(tmp_path / "two", cache, host_devices=2))
+    _matches_single(tmp_path / "two", tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["devices"] == 4
+
+
+@pytest.mark.slow
+def test_jax_lost_coordinator_stops_the_other(tmp_path):
+    """Process 0 (it runs the coordination service) killed after step 3: process 1 stops soon.
+
+    Two things race there: the broken gloo connection (exit 1 with this trainer's message) and JAX's
+    error poller, which aborts the process when the coordinator is gone (SIGABRT, JAX's message)."""
+    pytest.importorskip("orbax.checkpoint")
+    p0, p1 = jax_processes(tmp_path / "run", tmp_path / "xla_cache", own={0: ("--crash-at-step", "3")})
+    assert p0.returncode == -signal.SIGKILL
+    assert p1.returncode in (1, -signal.SIGABRT), p1.stderr[-3000:]
+    assert p1.ended - p0.ended < PEER_TIMEOUT / 2
+    assert ("another process stopped or cannot be reached" in p1.stderr
+            or "JAX distributed service detected fatal errors" in p1.stderr)
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+
+
 # -- PyTorch: two torchrun nodes of one rank each --------------------------------------------
 
 
@@ -290,7 +334,7 @@ def torch_runs(tmp_path_factory):
     procs["two"] = torch_nodes(runs["two"])
     procs["killed"] = torch_nodes(runs["resumed"], "--crash-at-step", str(KILL_AT))
     procs["resumed"] = torch_nodes(runs["resumed"], "--resume")
-    procs["lost"] = torch_nodes(runs["lost"], per_node=((), ("--crash-at-step", "3")))
+    procs["lost"] = torch_nodes(runs["lost"], own={1: ("--crash-at-step", "3")})
     return runs, procs
 
 
@@ -331,3 +375,13 @@ def test_torch_lost_node_stops_the_other_and_keeps_the_checkpoint(torch_runs):
     assert a["step"] == b["step"] == 2
     for name in b["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+@pytest.mark.slow
+def test_torch_lost_rank_0_stops_the_other(tmp_path):
+    """Node 0 (its agent holds the rendezvous store) loses its rank after step 3: node 1 stops soon."""
+    pytest.importorskip("torch")
+    n0, n1 = torch_nodes(tmp_path / "run", own={0: ("--crash-at-step", "3")})
+    assert n0.returncode == 1 and "Signal 9 (SIGKILL)" in n0.stderr
+    assert n1.returncode == 1 and n1.ended - n0.ended < PEER_TIMEOUT / 2, n1.stderr[-3000:]
+    assert "another process stopped or cannot be reached" in n1.stderr and "step_00000002.pt" in n1.stderr

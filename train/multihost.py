@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from . import rundir
-from .rundir import RunError
+from .rundir import RunError, note
 
 _FRESH, _RESUME, _STOP = 0, 1, 2
 
@@ -36,8 +36,15 @@ def jax_initialize(timeout: int) -> None:
     kw = {}
     if "JAX_NUM_PROCESSES" in os.environ:
         kw = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+    where = os.environ.get("JAX_COORDINATOR_ADDRESS", "the address JAX detects")
+    # JAX aborts the process (SIGABRT, "Terminating process because the JAX distributed service detected
+    # fatal errors") when the coordinator cannot be reached in time: this line says what it waited for.
+    note(f"jax.distributed.initialize: coordinator {where}; waiting up to --peer-timeout {timeout} s "
+         f"for the other processes")
     jax.distributed.initialize(**kw, initialization_timeout=timeout, heartbeat_timeout_seconds=timeout,
                                shutdown_timeout_seconds=timeout)
+    note(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local and "
+         f"{jax.device_count()} global devices")
 
 
 def agree_on_start(cfg, framework: str, *, is_writer: bool, broadcast) -> bool:
