@@ -295,3 +295,52 @@ def test_decoder_refuses_ids_out_of_the_vocabulary(name, bad, seen):
         model(tokens, cache=model.init_cache(1, 4))
     logits = b.numpy(model(b.array(GOOD)))
     assert logits.shape == (2, 3, V) and np.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------- sweeps (hypothesis)
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def broadcasts(shape, target) -> bool:
+    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@given(shape=st.lists(st.sampled_from([1, 2, 3, 6, 7]), min_size=0, max_size=5).map(tuple))
+def test_cache_mask_shapes_sweep(name, shape):
+    """Any mask shape: accepted iff it broadcasts to [B, N, T, max_length] = [2, 2, 3, 6]."""
+    b = backend(name)
+    m = attn(b)
+    call = lambda: m(b.array(X), cache=m.init_cache(2, 6), mask=b.array(np.ones(shape, bool)))  # noqa: E731
+    if broadcasts(shape, (2, 2, 3, 6)):
+        out, _ = call()
+        assert np.isfinite(b.numpy(out)).all()
+    else:
+        with pytest.raises(ValueError, match=r"mask with cache= .*\[B, N, T, max_length\] = \[2, 2, 3, 6\]"):
+            call()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@given(ids=st.lists(st.integers(-3, V + 3), min_size=6, max_size=6))
+def test_generate_prompt_ids_sweep(name, ids):
+    """Prompt ids anywhere around [0, V): refused iff one is outside, naming the range seen."""
+    b, model = decoder_cached(name)
+    prompt = np.array(ids).reshape(2, 3)
+    if 0 <= prompt.min() and prompt.max() < V:
+        out = call_generate(b, model, prompt, {"max_new_tokens": 1})
+        assert out.shape == (2, 1) and 0 <= out.min() and out.max() < V
+    else:
+        with pytest.raises(ValueError, match=RANGE + rf"\[{prompt.min()}, {prompt.max()}\]"):
+            call_generate(b, model, prompt, {"max_new_tokens": 1})
+
+
+_DECODERS = {}
+
+
+def decoder_cached(name):
+    """One model per framework for the sweep, so JAX compiles generate once."""
+    if name not in _DECODERS:
+        _DECODERS[name] = decoder(name)
+    return _DECODERS[name]
