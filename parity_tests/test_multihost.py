@@ -284,6 +284,18 @@ def test_jax_lost_process_stops_the_other_and_keeps_the_checkpoint(jax_runs):
         np.testing.assert_array_equal(kept[k], ref[k], err_msg=k)
 
 
+def test_jax_refused_directory_stops_every_process(tmp_path):
+    """Process 0 refuses a directory that holds something else; process 1 follows its decision."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    p0, p1 = jax_processes(out, tmp_path / "xla_cache")
+    assert p0.returncode == p1.returncode == 1, (p0.stderr[-2000:], p1.stderr[-2000:])
+    assert f"out_dir {out} is not empty (notes.txt)" in p0.stderr
+    assert f"process 0 refused --out-dir {out} (see its message)" in p1.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_jax_process_without_its_peer_stops(tmp_path):
     """Process 1 started alone: no coordinator answers, and JAX stops it soon after --peer-timeout."""
     out = tmp_path / "run"
