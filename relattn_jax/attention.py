@@ -20,6 +20,7 @@ from . import _spec
 from .blockwise import blockwise_attention
 from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
 from .einsum import AttentionArgs, einsum_attention, masked_softmax
+from .finite import finite_inputs, poison_rows
 from .fused import fused_attention
 from .shaw import shaw_attention
 
@@ -41,6 +42,7 @@ def relative_attention(
     dropout_rng: jax.Array | None = None,
     max_distance: int | None = None,
     q_offset: int | jax.Array | None = None,
+    check_ids: bool = False,
     implementation: str | None = None,
 ) -> jax.Array:
     """Multi-head attention with relative key and value terms.
@@ -54,19 +56,30 @@ def relative_attention(
             (size-1 B, T, S, N broadcast). Table form: [R, H] or [R, N, H].
         rel_v: value-side relation term a^V, same forms as ``rel_k``, or None.
         rel_ids: int relation ids [T, S] or [B, T, S] with values in [0, R); selects
-            the table form, where a_ij = table[rel_ids[i, j]].
+            the table form, where a_ij = table[rel_ids[i, j]]. Checked on every eager
+            call; under ``jax.jit`` see ``check_ids``.
         mask: bool, broadcastable to [B, N, T, S]; True means the query may attend the key.
+            A masked entry changes no output and no gradient, whatever k, v, the edges or
+            the table rows hold there (NaN and inf included); a query row that attends a
+            non-finite entry is NaN.
         is_causal: key j is visible to query i iff j <= i + (S - T) (bottom-right
             aligned, so it stays right when the keys include a cache). Combines with mask.
-        scale: logit scale; default 1 / sqrt(H).
-        dropout_p: dropout probability on the attention weights (0 disables it).
+        scale: logit scale, a finite real number (0 gives uniform weights); default
+            1 / sqrt(H).
+        dropout_p: dropout probability in [0, 1) on the attention weights (0 disables it).
         dropout_rng: PRNG key, required when ``dropout_p > 0``.
         max_distance: the Shaw form without an id array: rel_k / rel_v are tables
             [R, H] or [R, N, H] with R = 2 * max_distance + 1 and the ids are
             clip(j - i - q_offset, -max_distance, max_distance) + max_distance, as
             ``relative_position_ids`` makes them. Excludes ``rel_ids``.
-        q_offset: position of query 0 among the keys for those ids (int or traced
-            int); default S - T. Only with ``max_distance``.
+        q_offset: position of query 0 among the keys for those ids (int or 0-d int
+            array, traced or not); default S - T. Only with ``max_distance``.
+        check_ids: under ``jax.jit`` the rel_ids values are not known when the function
+            is traced. False (default): ids outside [0, R) are clamped to the nearest
+            row, with no check. True: a ``jax.experimental.checkify`` check; run the
+            jitted function under ``checkify.checkify`` and call ``err.throw()``, which
+            raises naming rel_ids (plain ``jit`` refuses an unfunctionalised check).
+            Eager calls always raise ValueError for such ids.
         implementation: None or "auto" lets ``choose_implementation`` pick the path
             from its rule table; a name forces one path: "fused" (``fused.py``: the
             Pallas kernel; ``max_distance``, no dropout, float32/float16/bfloat16, a GPU or
@@ -78,18 +91,30 @@ def relative_attention(
             the docs.
 
     Returns:
-        [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
+        [B, T, N, H], dtype of q. A query that sees no key returns exactly 0; so does
+        every query when S = 0. Any size may be 0.
+
+    Raises:
+        TypeError / ValueError: naming the argument, for a wrong type, shape, dtype or value.
     """
+    q, k, v, rel_k, rel_v, rel_ids, mask = _arrays(q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids,
+                                                   mask=mask)
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
     _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d)
+    _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids)
     if dropout_p > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rng must be a PRNG key when dropout_p > 0")
     if max_distance is not None and q_offset is None:
         q_offset = d.S - d.T  # the queries are the last T key positions
+    if isinstance(rel_ids, jax.core.Tracer):
+        rel_ids = _traced_ids(rel_ids, [t.shape[0] for t in (rel_k, rel_v) if t is not None], check_ids)
     args = AttentionArgs(rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
-                         scale=d.H**-0.5 if scale is None else scale, dropout_p=dropout_p,
+                         scale=_spec.default_scale(d.H) if scale is None else float(scale), dropout_p=float(dropout_p),
                          max_distance=max_distance, q_offset=q_offset, dropout_rng=dropout_rng)
-    return _run(choose_implementation(q, k, v, args, implementation).name, q, k, v, args)
+    name = choose_implementation(q, k, v, args, implementation).name
+    k_run, v_run, run_args, found = finite_inputs(k, v, args)
+    out = _run(name, q, k_run, v_run, run_args)
+    return poison_rows(out, k, v, args) if found else out
 
 
 def _run(name: str, q, k, v, args: AttentionArgs) -> jax.Array:
@@ -106,6 +131,43 @@ def _run(name: str, q, k, v, args: AttentionArgs) -> jax.Array:
 
 def _shape(x):
     return None if x is None else tuple(x.shape)
+
+
+def _arrays(**named) -> list:
+    """The inputs as arrays: jax arrays and tracers as they are, NumPy arrays converted, others refused."""
+    out = []
+    for name, x in named.items():
+        if x is not None and not isinstance(x, jax.Array):
+            if not isinstance(x, np.ndarray):
+                raise TypeError(f"{name} must be a jax.Array or numpy.ndarray{'' if name in 'qkv' else ' or None'}, "
+                                f"got {type(x).__module__}.{type(x).__name__}")
+            x = jnp.asarray(x)
+        out.append(x)
+    return out
+
+
+def _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids) -> None:
+    _spec.check_bool("is_causal", is_causal)
+    _spec.check_bool("check_ids", check_ids)
+    _spec.check_scale(scale)
+    _spec.check_dropout_p(dropout_p)
+    if isinstance(q_offset, (jax.Array, np.ndarray)):
+        _spec.check_offset_array(jnp.issubdtype(q_offset.dtype, jnp.integer), q_offset.ndim, q_offset.dtype)
+    elif q_offset is not None:
+        _spec.check_int_offset(q_offset)
+
+
+def _traced_ids(rel_ids: jax.Array, rows: list[int], check_ids: bool) -> jax.Array:
+    """rel_ids under jit: checked by checkify (check_ids) or clamped into [0, R)."""
+    R = min(rows)
+    if check_ids:
+        from jax.experimental import checkify
+
+        checkify.check(((rel_ids >= 0) & (rel_ids < R)).all(),
+                       _spec.rel_ids_range_message("every table", R) + ", got values in [{lo}, {hi}]",
+                       lo=rel_ids.min(), hi=rel_ids.max())
+        return rel_ids
+    return jnp.clip(rel_ids, 0, R - 1)
 
 
 def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:

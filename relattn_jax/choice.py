@@ -75,6 +75,12 @@ class _Case:
     def logits(self) -> int:
         return self.B * self.N * self.T * self.S
 
+    @property
+    def empty(self) -> str | None:
+        """Why the call is empty (a size is 0), or None: only the einsum path takes it."""
+        zero = [name for name in "BTSNH" if getattr(self, name) == 0]
+        return f"needs non-empty inputs, got {', '.join(zero)} = 0" if zero else None
+
 
 @dataclass(frozen=True)
 class _Rule:
@@ -86,6 +92,8 @@ class _Rule:
 def _fused_blocked(c: _Case) -> str | None:
     if c.form != "shaw":
         return "needs max_distance (the Shaw form)"
+    if c.empty:
+        return c.empty
     if c.dropout:
         return "needs dropout_p=0"
     if c.dtype not in ("float32", "float16", "bfloat16"):
@@ -104,6 +112,8 @@ def _fused_wanted(c: _Case) -> str | None:
 def _shaw_blocked(c: _Case) -> str | None:
     if c.form != "shaw":
         return "needs max_distance (the Shaw form)"
+    if c.empty:
+        return c.empty
     if c.dropout:
         return "needs dropout_p=0"
     return None
@@ -117,6 +127,10 @@ def _shaw_wanted(c: _Case) -> str | None:
 
 def _runs_anywhere(c: _Case) -> None:
     return None
+
+
+def _blockwise_blocked(c: _Case) -> str | None:
+    return c.empty
 
 
 def _blockwise_wanted(c: _Case) -> str | None:
@@ -135,7 +149,7 @@ def _einsum_wanted(c: _Case) -> str:
 _RULES = (
     _Rule("fused", _fused_blocked, _fused_wanted),
     _Rule("shaw", _shaw_blocked, _shaw_wanted),
-    _Rule("blockwise", _runs_anywhere, _blockwise_wanted),
+    _Rule("blockwise", _blockwise_blocked, _blockwise_wanted),
     _Rule("einsum", _runs_anywhere, _einsum_wanted),
 )
 IMPLEMENTATIONS = ("auto", *(rule.name for rule in _RULES))

@@ -66,14 +66,18 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionAr
     if args.max_distance is not None:
         rel_ids = relative_position_ids(d.T, d.S, args.max_distance, q_offset=args.q_offset)
 
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
+    # half inputs: the logits and the softmax in float32 (rounding the logits to bf16 first
+    # errs by 1e-1 where q . k ~ 1e3, and fp16 overflows); the value products in the inputs' dtype
+    acc = jnp.float32 if q.dtype in _LOW_PRECISION else q.dtype
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(acc), k.astype(acc))  # [B, N, T, S]
     if args.rel_k is not None:
-        logits = logits + _key_term(q, args.rel_k, rel_ids, d)
+        logits = logits + _key_term(q.astype(acc), args.rel_k.astype(acc), rel_ids, d)
     visible = combine_masks(args.mask, causal_mask(d.T, d.S) if args.is_causal else None)
     probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
     if args.dropout_p > 0.0:
         keep = jax.random.bernoulli(args.dropout_rng, 1.0 - args.dropout_p, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - args.dropout_p), 0.0).astype(probs.dtype)
+    probs = probs.astype(q.dtype)
 
     out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     if args.rel_v is not None:

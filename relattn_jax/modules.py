@@ -124,6 +124,8 @@ class RelativeMultiHeadAttention(nnx.Module):
         if tuple(value.shape) != tuple(key.shape):
             raise ValueError(f"value must have the shape of key {_spec.fmt(key.shape)}, got {_spec.fmt(value.shape)}")
         dtype = _compute_dtype(self.dtype, self.param_dtype, query=query, key=key, value=value)
+        if mask is not None and cache is None:
+            query, key, value = _zero_unseen(mask, query, key, value, self.num_heads)
         q = _project(query, self.w_q, self.b_q, dtype)  # [B, T, N, H]
         k = _project(key, self.w_k, self.b_k, dtype)  # [B, S, N, H]
         v = _project(value, self.w_v, self.b_v, dtype)  # [B, S, N, H]
@@ -194,6 +196,21 @@ class RelationAwareAttention(nnx.Module):
             q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal, scale=self.scale,
             dropout_p=dropout_p, dropout_rng=dropout_rng,
         )
+
+
+def _zero_unseen(mask, query, key, value, N):
+    """Zero the input rows that the mask leaves out altogether: queries that see no key (their
+    output is 0 whatever they hold) and keys that no query sees. Exact, and a non-finite padded
+    row then reaches no output and no gradient (the projections' weight gradients included)."""
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
+    B, T, S = query.shape[0], query.shape[1], key.shape[1]
+    _spec.check_mask_shape(tuple(mask.shape), _spec.Dims(B=B, T=T, S=S, N=N, H=1))
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # [B?, N?, T?, S?]
+    q_seen, k_seen = m.any(-1).any(1), m.any(-2).any(1)  # [B?, T?], [B?, S?]
+    query = jnp.where(q_seen[..., None], query, 0).astype(query.dtype)
+    key_seen = k_seen[..., None]
+    return query, jnp.where(key_seen, key, 0).astype(key.dtype), jnp.where(key_seen, value, 0).astype(value.dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:

@@ -63,13 +63,15 @@ def _shaw(q, k, v, rel_k, rel_v, off, visible, K, scale):
 
 
 def _shaw_fwd(q, k, v, rel_k, rel_v, off, visible, K, scale):
-    # the scale goes on q: XLA on CPU would broadcast it to a full [B, N, T, S] array to fuse it
-    qs = q * jnp.asarray(scale, q.dtype)
-    logits = jnp.einsum("BTNH,BSNH->BNTS", qs, k)  # [B, N, T, S], scaled
+    # the scale goes on q: XLA on CPU would broadcast it to a full [B, N, T, S] array to fuse it.
+    # Half inputs: the logits and the softmax in float32, the value products in the inputs' dtype.
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qs = q.astype(acc) * jnp.asarray(scale, acc)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", qs, k.astype(acc))  # [B, N, T, S], scaled
     if rel_k is not None:
-        qa = jnp.einsum(f"BTNH,{_layout(rel_k)}->BNTR", qs, rel_k)  # [B, N, T, R]
+        qa = jnp.einsum(f"BTNH,{_layout(rel_k)}->BNTR", qs, rel_k.astype(acc))  # [B, N, T, R]
         logits = logits + _expand(qa, off, K, k.shape[1])
-    probs = masked_softmax(logits, visible, 1.0)  # [B, N, T, S]
+    probs = masked_softmax(logits, visible, 1.0).astype(q.dtype)  # [B, N, T, S]
     out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     buckets = None
     if rel_v is not None:

@@ -10,9 +10,15 @@ R relation ids, E model width.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 Shape = tuple[int, ...]
+
+# The largest Shaw clipping distance: its tables hold 2 * max_distance + 1 rows, and a distance
+# past any sequence length clips nothing (2**20 rows of H = 64 float32 are 256 MiB per table).
+MAX_DISTANCE_LIMIT = 2**20
 
 # Dense edge tensors: accepted rank -> the named dims of that rank.
 _DENSE_LAYOUTS = {3: "TSH", 4: "TSNH", 5: "BTSNH"}
@@ -120,10 +126,11 @@ def check_rel_ids_range(lo: int, hi: int, tables) -> None:
     """Concrete rel_ids values must lie in [0, R) for every table given."""
     for name, rows in tables:
         if lo < 0 or hi >= rows:
-            raise ValueError(
-                f"rel_ids values must be in [0, R) = [0, {rows}) for {name} with R = {rows} rows, "
-                f"got values in [{lo}, {hi}]"
-            )
+            raise ValueError(rel_ids_range_message(name, rows) + f", got values in [{lo}, {hi}]")
+
+
+def rel_ids_range_message(name: str, rows: int) -> str:
+    return f"rel_ids values must be in [0, R) = [0, {rows}) for {name} with R = {rows} rows"
 
 
 def check_mask_shape(shape: Shape, d: Dims) -> None:
@@ -149,6 +156,64 @@ def check_int(name: str, value, minimum: int = 1) -> None:
 def check_positions(q_len, k_len, max_distance) -> None:
     for name, value in (("q_len", q_len), ("k_len", k_len), ("max_distance", max_distance)):
         check_int(name, value, minimum=0)
+    check_max_distance(max_distance)
+
+
+def check_max_distance(max_distance) -> None:
+    """max_distance must be an int in [0, MAX_DISTANCE_LIMIT] (its tables hold 2 * max_distance + 1 rows)."""
+    check_int("max_distance", max_distance, minimum=0)
+    if max_distance > MAX_DISTANCE_LIMIT:
+        raise ValueError(
+            f"max_distance must be an int in [0, {MAX_DISTANCE_LIMIT}] (its tables hold 2 * max_distance + 1 rows; "
+            f"a distance past every sequence length clips nothing), got {max_distance!r}"
+        )
+
+
+# --- scalar arguments -----------------------------------------------------------------------------
+
+def _kind(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_scale(scale) -> None:
+    """scale must be None or a finite real number (any sign: 0 gives uniform weights)."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None or a real number (float), got {_kind(scale)}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def default_scale(H: int) -> float:
+    """1 / sqrt(H); 1.0 for H = 0 (there is no logit to scale)."""
+    return H**-0.5 if H else 1.0
+
+
+def check_bool(name: str, value) -> None:
+    """value must be a bool (a string such as "False" is not)."""
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        raise TypeError(f"{name} must be a bool, got {_kind(value)}")
+
+
+def check_dropout_p(p) -> None:
+    """dropout_p must be a real number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number in [0, 1), got {_kind(p)}")
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+
+
+def check_int_offset(value) -> None:
+    """A Python q_offset must be an int (bool, float and str are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"q_offset must be None, an int or a 0-d integer array, got {_kind(value)}")
+
+
+def check_offset_array(dtype_is_integer: bool, ndim: int, dtype) -> None:
+    """An array q_offset must be a 0-d integer array."""
+    if not dtype_is_integer or ndim != 0:
+        raise TypeError(f"q_offset must be None, an int or a 0-d integer array, got a {ndim}-d array of dtype {dtype}")
 
 
 def check_heads(embed_dim: int, num_heads: int, head_dim) -> int:
@@ -196,7 +261,8 @@ def dense_t_axis(rank: int) -> int:
 
 
 def check_dropout(p) -> None:
-    if not 0.0 <= float(p) < 1.0:
+    """A module's dropout must be a real number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {p!r}")
 
 

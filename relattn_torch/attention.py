@@ -18,6 +18,7 @@ from . import _spec
 from .blockwise import blockwise_attention
 from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
 from .einsum import AttentionArgs, einsum_attention, masked_softmax
+from .finite import finite_inputs, poison_rows
 from .fused import fused_attention
 from .shaw import shaw_attention
 
@@ -38,6 +39,7 @@ def relative_attention(
     dropout_p: float = 0.0,
     max_distance: int | None = None,
     q_offset: int | torch.Tensor | None = None,
+    check_ids: bool = False,
     implementation: str | None = None,
 ) -> torch.Tensor:
     """Multi-head attention with relative key and value terms.
@@ -51,19 +53,29 @@ def relative_attention(
             (size-1 B, T, S, N broadcast). Table form: [R, H] or [R, N, H].
         rel_v: value-side relation term a^V, same forms as ``rel_k``, or None.
         rel_ids: int relation ids [T, S] or [B, T, S] with values in [0, R); selects
-            the table form, where a_ij = table[rel_ids[i, j]].
+            the table form, where a_ij = table[rel_ids[i, j]]. Checked on every eager
+            call; under ``torch.compile`` see ``check_ids``.
         mask: bool, broadcastable to [B, N, T, S]; True means the query may attend the key.
+            A masked entry changes no output and no gradient, whatever k, v, the edges or
+            the table rows hold there (NaN and inf included); a query row that attends a
+            non-finite entry is NaN.
         is_causal: key j is visible to query i iff j <= i + (S - T) (bottom-right
             aligned, so it stays right when the keys include a cache). Combines with mask.
-        scale: logit scale; default 1 / sqrt(H).
-        dropout_p: dropout probability on the attention weights (0 disables it;
+        scale: logit scale, a finite real number (0 gives uniform weights); default
+            1 / sqrt(H).
+        dropout_p: dropout probability in [0, 1) on the attention weights (0 disables it;
             modules pass 0 in eval mode).
         max_distance: the Shaw form without an id tensor: rel_k / rel_v are tables
             [R, H] or [R, N, H] with R = 2 * max_distance + 1 and the ids are
             clip(j - i - q_offset, -max_distance, max_distance) + max_distance, as
             ``relative_position_ids`` makes them. Excludes ``rel_ids``.
-        q_offset: position of query 0 among the keys for those ids (int or int
+        q_offset: position of query 0 among the keys for those ids (int or 0-d int
             tensor); default S - T. Only with ``max_distance``.
+        check_ids: under ``torch.compile`` the rel_ids values are not known when the
+            graph is traced. False (default): ids outside [0, R) are clamped to the
+            nearest row, with no check. True: an out-of-range id stops the call with a
+            RuntimeError naming rel_ids (``torch._assert_async``; on CUDA a device-side
+            assert). Eager calls always raise ValueError for such ids.
         implementation: None or "auto" lets ``choose_implementation`` pick the path
             from its rule table; a name forces one path: "fused" (``fused.py``: the
             Triton kernel; ``max_distance``, no dropout, float32/float16/bfloat16, CUDA
@@ -75,16 +87,27 @@ def relative_attention(
             Implementations page of the docs.
 
     Returns:
-        [B, T, N, H], dtype of q. A query that sees no key returns exactly 0.
+        [B, T, N, H], dtype of q. A query that sees no key returns exactly 0; so does
+        every query when S = 0. Any size may be 0.
+
+    Raises:
+        TypeError / ValueError: naming the argument, for a wrong type, shape, dtype or value.
     """
+    _check_types(q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask)
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
     _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d)
+    _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids)
     if max_distance is not None and q_offset is None:
         q_offset = d.S - d.T  # the queries are the last T key positions
+    if rel_ids is not None and torch.compiler.is_compiling():
+        rel_ids = _traced_ids(rel_ids, [t.shape[0] for t in (rel_k, rel_v) if t is not None], check_ids)
     args = AttentionArgs(rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
-                         scale=d.H**-0.5 if scale is None else scale, dropout_p=dropout_p,
+                         scale=_spec.default_scale(d.H) if scale is None else float(scale), dropout_p=float(dropout_p),
                          max_distance=max_distance, q_offset=q_offset)
-    return _run(choose_implementation(q, k, v, args, implementation).name, q, k, v, args)
+    name = choose_implementation(q, k, v, args, implementation).name
+    k_run, v_run, run_args, found = finite_inputs(k, v, args)
+    out = _run(name, q, k_run, v_run, run_args)
+    return poison_rows(out, k, v, args) if found else out
 
 
 def _run(name: str, q, k, v, args: AttentionArgs) -> torch.Tensor:
@@ -101,6 +124,35 @@ def _run(name: str, q, k, v, args: AttentionArgs) -> torch.Tensor:
 
 def _shape(x):
     return None if x is None else tuple(x.shape)
+
+
+def _check_types(**named) -> None:
+    for name, x in named.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor{'' if name in 'qkv' else ' or None'}, "
+                            f"got {type(x).__module__}.{type(x).__name__}")
+
+
+def _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids) -> None:
+    _spec.check_bool("is_causal", is_causal)
+    _spec.check_bool("check_ids", check_ids)
+    _spec.check_scale(scale)
+    _spec.check_dropout_p(dropout_p)
+    if isinstance(q_offset, torch.Tensor):
+        dtype = q_offset.dtype
+        _spec.check_offset_array(not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool),
+                                 q_offset.dim(), dtype)
+    elif q_offset is not None:
+        _spec.check_int_offset(q_offset)
+
+
+def _traced_ids(rel_ids: torch.Tensor, rows: list[int], check_ids: bool) -> torch.Tensor:
+    """rel_ids under torch.compile: asserted in range (check_ids) or clamped into [0, R)."""
+    R = min(rows)
+    if check_ids:
+        torch._assert_async(((rel_ids >= 0) & (rel_ids < R)).all(), _spec.rel_ids_range_message("every table", R))
+        return rel_ids
+    return rel_ids.clamp(0, R - 1)
 
 
 def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:

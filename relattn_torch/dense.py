@@ -50,7 +50,7 @@ def edge_key_term(q: torch.Tensor, edges: torch.Tensor, letters: str) -> torch.T
     Returns:
         [B, N, T, S].
     """
-    if "N" not in letters:
+    if "N" not in letters or q.numel() == 0 or edges.numel() == 0:  # shared edges, or nothing to multiply
         return torch.einsum(f"BTNH,{letters}->BNTS", q, edges)
     return _EdgeKey.apply(q, edges, letters.startswith("B"))
 
@@ -66,7 +66,7 @@ def edge_value_term(probs: torch.Tensor, edges: torch.Tensor, letters: str) -> t
     Returns:
         [B, T, N, H].
     """
-    if "N" not in letters:
+    if "N" not in letters or probs.numel() == 0 or edges.numel() == 0:
         return torch.einsum(f"BNTS,{letters}->BTNH", probs, edges)
     return _EdgeValue.apply(probs, edges, letters.startswith("B"))
 

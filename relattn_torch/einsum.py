@@ -63,13 +63,17 @@ def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: At
     if args.max_distance is not None:
         rel_ids = relative_position_ids(d.T, d.S, args.max_distance, q_offset=args.q_offset, device=q.device)
 
-    logits = torch.einsum("BTNH,BSNH->BNTS", q, k)  # [B, N, T, S]
+    # half inputs: the logits and the softmax in float32 (rounding the logits to bf16 first
+    # errs by 1e-1 where q . k ~ 1e3, and fp16 overflows); the value products in the inputs' dtype
+    acc = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
+    logits = torch.einsum("BTNH,BSNH->BNTS", q.to(acc), k.to(acc))  # [B, N, T, S]
     if args.rel_k is not None:
-        logits = logits + _key_term(q, args.rel_k, rel_ids, d)
+        logits = logits + _key_term(q.to(acc), args.rel_k.to(acc), rel_ids, d)
     visible = combine_masks(args.mask, causal_mask(d.T, d.S, device=q.device) if args.is_causal else None)
     probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
     if args.dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=args.dropout_p, training=True)
+    probs = probs.to(q.dtype)
 
     out = torch.einsum("BNTS,BSNH->BTNH", probs, v)
     if args.rel_v is not None:

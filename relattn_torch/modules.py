@@ -125,6 +125,8 @@ class RelativeMultiHeadAttention(nn.Module):
         if tuple(value.shape) != tuple(key.shape):
             raise ValueError(f"value must have the shape of key {_spec.fmt(key.shape)}, got {_spec.fmt(value.shape)}")
         _check_dtype(self.w_q.dtype, query=query, key=key, value=value)
+        if mask is not None and cache is None:
+            query, key, value = _zero_unseen(mask, query, key, value, self.num_heads)
         q = _project(query, self.w_q, self.b_q)  # [B, T, N, H]
         k = _project(key, self.w_k, self.b_k)  # [B, S, N, H]
         v = _project(value, self.w_v, self.b_v)  # [B, S, N, H]
@@ -202,6 +204,21 @@ class RelationAwareAttention(nn.Module):
             q, k, v, rel_k, rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
         )
+
+
+def _zero_unseen(mask, query, key, value, N):
+    """Zero the input rows that the mask leaves out altogether: queries that see no key (their
+    output is 0 whatever they hold) and keys that no query sees. Exact, and a non-finite padded
+    row then reaches no output and no gradient (the projections' weight gradients included)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+    B, T, S = query.shape[0], query.shape[1], key.shape[1]
+    _spec.check_mask_shape(tuple(mask.shape), _spec.Dims(B=B, T=T, S=S, N=N, H=1))
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # [B?, N?, T?, S?]
+    q_seen, k_seen = m.any(-1).any(1), m.any(-2).any(1)  # [B?, T?], [B?, S?]
+    query = torch.where(q_seen[..., None], query, 0)
+    key_seen = k_seen[..., None]
+    return query, torch.where(key_seen, key, 0), torch.where(key_seen, value, 0)
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -112,9 +112,12 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
         raise ValueError("the banded Shaw path takes max_distance, no mask and no dropout")
     B, T, N, H = q.shape
     S = k.shape[1]
+    scale = args.scale
+    if scale <= 0.0:  # torch's flash kernel scales its masked -inf logits: 0 * -inf is NaN, -1 * -inf is +inf
+        q, scale = q * scale, 1.0
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N * H) // _BAND_BLOCK) * _BAND_BLOCK  # backward rows per chunk
     plan = Plan(T, S, args.q_offset, args.max_distance, S - T if args.is_causal else None, _BAND_BLOCK, chunk)
-    return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, args.scale)
+    return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, scale)
 
 
 @dataclass(frozen=True)
