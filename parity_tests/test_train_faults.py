@@ -30,6 +30,7 @@ def xla_cache(tmp_path_factory):
 
 def _train(framework: str, out, *flags, cache=None) -> subprocess.CompletedProcess:
     """``python -m train <framework> <tiny flags> --out-dir out <flags>``: one fresh process."""
+    pytest.importorskip(framework)  # a one-framework venv skips the other trainer
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     if cache is not None:  # the runs compile the same programs once between them
