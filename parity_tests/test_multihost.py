@@ -69,8 +69,13 @@ def _descendants(pid: int) -> list:
         return []
 
 
-def _run_group(argvs: list[list[str]], envs: list[dict], logs: Path, timeout: int = TIMEOUT) -> list[Proc]:
-    """Start every command at once (each in its own session), wait for all, kill whatever is left."""
+def _run_group(argvs: list[list[str]], envs: list[dict], logs: Path, timeout: int = TIMEOUT, watch=None,
+               wait_for=None) -> list[Proc]:
+    """Start every command at once (each in its own session), wait for them, kill whatever is left.
+
+    ``watch(popens)`` is called while they run; ``wait_for``: the indices to wait for (default all),
+    the others are killed once these have ended (their ``returncode`` is then None).
+    """
     logs.mkdir(parents=True, exist_ok=True)
     procs, files = [], []
     try:
@@ -79,17 +84,21 @@ def _run_group(argvs: list[list[str]], envs: list[dict], logs: Path, timeout: in
             files += [out, err]
             procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=err, start_new_session=True))
         deadline, ended = time.monotonic() + timeout, {}
-        while len(ended) < len(procs) and time.monotonic() < deadline:
+        waited = set(range(len(procs)) if wait_for is None else wait_for)
+        while not waited <= set(ended) and time.monotonic() < deadline:
             for i, p in enumerate(procs):
                 if i not in ended and p.poll() is not None:
                     ended[i] = time.monotonic()
+            if watch is not None:
+                watch(procs)
             time.sleep(0.05)
-        if len(ended) < len(procs):
+        if not waited <= set(ended):
             pytest.fail(f"a process of {argvs[0][:6]} ... ran past {timeout} s")
         results = []
         for i, p in enumerate(procs):
             files[2 * i].seek(0), files[2 * i + 1].seek(0)
-            results.append(Proc(p.returncode, files[2 * i].read(), files[2 * i + 1].read(), ended[i]))
+            results.append(Proc(p.returncode if i in ended else None, files[2 * i].read(), files[2 * i + 1].read(),
+                                ended.get(i, float("nan"))))
         return results
     finally:
         for p in procs:  # torchrun's workers start sessions of their own: find them before their parent dies
@@ -104,6 +113,19 @@ def _run_group(argvs: list[list[str]], envs: list[dict], logs: Path, timeout: in
             f.close()
 
 
+class StopWhen:
+    """A ``watch``: SIGSTOP process ``index`` (under torchrun: its worker) once ``path`` exists."""
+
+    def __init__(self, path: Path, index: int):
+        self.path, self.index, self.at = path, index, None
+
+    def __call__(self, popens) -> None:
+        if self.at is None and self.path.exists():
+            workers = _descendants(popens[self.index].pid)
+            os.kill(workers[-1].pid if workers else popens[self.index].pid, signal.SIGSTOP)
+            self.at = time.monotonic()
+
+
 def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", **extra}
 
@@ -115,7 +137,7 @@ def _jax_env(cache: Path, host_devices: int = 1, **extra) -> dict:
 
 
 def jax_processes(out: Path, cache: Path, *flags, own=None, host_devices: int = 1, started=(0, 1),
-                  peer_timeout: int = PEER_TIMEOUT) -> list[Proc]:
+                  peer_timeout: int = PEER_TIMEOUT, **group) -> list[Proc]:
     """``python -m train jax --distributed``: the processes ``started`` of a 2-process run on 127.0.0.1.
 
     ``own`` maps a process id to flags for that process alone.
@@ -127,10 +149,10 @@ def jax_processes(out: Path, cache: Path, *flags, own=None, host_devices: int = 
                       "--peer-timeout", str(peer_timeout), *flags, *(own or {}).get(i, ())])
         envs.append(_jax_env(cache, host_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-    return _run_group(argvs, envs, out.with_name(out.name + f"-logs-{port}"))
+    return _run_group(argvs, envs, out.with_name(out.name + f"-logs-{port}"), **group)
 
 
-def torch_nodes(out: Path, *flags, own=None) -> list[Proc]:
+def torch_nodes(out: Path, *flags, own=None, peer_timeout: int = PEER_TIMEOUT, **group) -> list[Proc]:
     """Two torchrun nodes of one rank each (static rendezvous on 127.0.0.1: node i is rank i).
 
     ``own`` maps a node rank to flags for that node alone.
@@ -139,8 +161,8 @@ def torch_nodes(out: Path, *flags, own=None) -> list[Proc]:
     argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
               "--max-restarts", "0", "-m", "train", "torch", *FLAGS, "--out-dir", str(out),
-              "--peer-timeout", str(PEER_TIMEOUT), *flags, *(own or {}).get(i, ())] for i in (0, 1)]
-    return _run_group(argvs, [_env()] * len(argvs), out.with_name(out.name + f"-logs-{port}"))
+              "--peer-timeout", str(peer_timeout), *flags, *(own or {}).get(i, ())] for i in (0, 1)]
+    return _run_group(argvs, [_env()] * len(argvs), out.with_name(out.name + f"-logs-{port}"), **group)
 
 
 def single(framework: str, out: Path, cache: Path, host_devices: int = 1) -> Proc:
@@ -318,6 +340,20 @@ def test_jax_two_processes_of_two_devices_match_one_device(tmp_path):
 
 
 @pytest.mark.slow
+def test_jax_hung_process_stops_the_other(tmp_path):
+    """Process 1 stopped (SIGSTOP) after checkpoint 2: it sends no heartbeats, and JAX's coordination
+    service stops process 0 (SIGABRT) within --peer-timeout; the checkpoints are kept."""
+    pytest.importorskip("orbax.checkpoint")
+    out = tmp_path / "run"
+    stop = StopWhen(out / "checkpoints" / "2", 1)
+    p0, _ = jax_processes(out, tmp_path / "xla_cache", peer_timeout=15, watch=stop, wait_for=[0])
+    assert stop.at is not None and p0.returncode == -signal.SIGABRT, p0.stderr[-3000:]
+    assert p0.ended - stop.at < 15 + 10
+    assert "stopped sending heartbeats" in p0.stderr
+    assert 2 in [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.slow
 def test_jax_lost_coordinator_stops_the_other(tmp_path):
     """Process 0 (it runs the coordination service) killed after step 3: process 1 stops soon.
 
@@ -397,3 +433,16 @@ def test_torch_lost_rank_0_stops_the_other(tmp_path):
     assert n0.returncode == 1 and "Signal 9 (SIGKILL)" in n0.stderr
     assert n1.returncode == 1 and n1.ended - n0.ended < PEER_TIMEOUT / 2, n1.stderr[-3000:]
     assert "another process stopped or cannot be reached" in n1.stderr and "step_00000002.pt" in n1.stderr
+
+
+@pytest.mark.slow
+def test_torch_hung_rank_stops_the_other(tmp_path):
+    """Rank 1 stopped (SIGSTOP) after checkpoint 2: rank 0's collective times out after --peer-timeout."""
+    pytest.importorskip("psutil")  # finds torchrun's worker
+    out = tmp_path / "run"
+    stop = StopWhen(out / "checkpoints" / "step_00000002.pt", 1)
+    n0, _ = torch_nodes(out, peer_timeout=15, watch=stop, wait_for=[0])
+    assert stop.at is not None and n0.returncode == 1, n0.stderr[-3000:]
+    assert 15 - 1 < n0.ended - stop.at < 15 + 15
+    assert "another process stopped or cannot be reached" in n0.stderr and "Timed out" in n0.stderr
+    assert (out / "checkpoints" / "step_00000002.pt").exists()
