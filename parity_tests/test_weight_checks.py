@@ -30,7 +30,7 @@ def write_file(path, dtype: str, values: dict) -> None:
     with torch.no_grad():
         for name, entries in values.items():
             for i, v in entries.items():
-                params[name].view(-1)[i] = v
+                params[name].view(-1)[i] = torch.tensor(v, dtype=torch.float64)  # rounds as a cast would
     rt.save_weights(m, path)
 
 
@@ -117,3 +117,38 @@ def test_both_frameworks_refuse_one_file_with_one_message(tmp_path):
     assert load_error("torch", "float64", path) == load_error("jax", "float64", path)
     write_file(path, "float64", {"b_o": {0: 1e300}})
     assert load_error("torch", "float32", path) == load_error("jax", "float32", path)
+
+
+from hypothesis import example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+F32_MAX, F32_ULP = float(np.finfo(np.float32).max), 2.0**104  # the spacing at float32's max
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@example(value=F32_MAX + F32_ULP / 2, stored="float64", module_dtype="float32")  # the tie rounds to Inf
+@example(value=F32_MAX + F32_ULP / 2 - 2.0**80, stored="float64", module_dtype="float32")  # rounds to max
+@example(value=65520.0, stored="float32", module_dtype="float16")  # float16: the tie past 65504 is Inf
+@example(value=65519.0, stored="float32", module_dtype="float16")
+@example(value=F32_MAX, stored="float32", module_dtype="bfloat16")  # past bfloat16's max: Inf
+@given(
+    value=st.floats(allow_nan=True, allow_infinity=True, width=64),
+    stored=st.sampled_from(list(DTYPES)),
+    module_dtype=st.sampled_from(list(DTYPES)),
+)
+def test_value_checks_sweep(name, value, stored, module_dtype, tmp_path_factory):
+    """Any value, any stored and parameter dtype: refused iff the file holds NaN/Inf or the
+    cast makes Inf; otherwise loaded as torch casts it."""
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    write_file(path, stored, {"b_v": {1: value}})
+    in_file = torch.tensor(value, dtype=torch.float64).to(getattr(torch, stored))
+    loaded = in_file.to(getattr(torch, module_dtype))
+    if not torch.isfinite(in_file):
+        assert "  b_v: 1 of 4 values" in load_error(name, module_dtype, path)
+    elif not torch.isfinite(loaded):
+        assert "tensor b_v stored as" in load_error(name, module_dtype, path)
+    else:
+        b, m = target(name, module_dtype)
+        assert not any(b.lib.load_weights(m, path))
+        got = b.params(m)["b_v"].reshape(-1)[1]
+        assert got == loaded.double().item() or (got == 0 and loaded == 0)
