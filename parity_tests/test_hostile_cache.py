@@ -51,6 +51,41 @@ def test_cache_mask_over_the_buffer_still_works(name, shape):
     assert int(cache.length) == 3 and not bool(cache.overflowed)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_cache_mask_must_be_bool(name, dtype):
+    """A float mask failed inside the mask AND with a cache; now the message of relative_attention."""
+    b = backend(name)
+    m = attn(b)
+    with pytest.raises(TypeError, match=r"mask must be a bool (tensor|array) \(True = may attend\), got dtype"):
+        m(b.array(X), cache=m.init_cache(2, 6), mask=b.array(np.ones((3, 6), dtype)))
+
+
+def test_cache_mask_array_types():
+    """torch wants a tensor (as relative_attention); JAX takes array-likes (numpy, lists)."""
+    tb, jb = backend("torch"), backend("jax")
+    tm, jm = attn(tb), attn(jb)
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor or None, got numpy.ndarray"):
+        tm(tb.array(X), cache=tm.init_cache(2, 6), mask=np.ones((3, 6), bool))
+    ref, _ = jm(jb.array(X), cache=jm.init_cache(2, 6))
+    for mask in (np.ones((3, 6), bool), [[True] * 6] * 3):
+        out, _ = jm(jb.array(X), cache=jm.init_cache(2, 6), mask=mask)
+        np.testing.assert_array_equal(jb.numpy(out), jb.numpy(ref))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_decoder_cache_must_be_one_per_layer(name):
+    b, model = decoder(name)
+    tokens = b.array(GOOD)
+    caches = model.init_cache(2, 4)
+    with pytest.raises(TypeError, match=r"cache must be a list of num_layers = 1 layer caches \(from init_cache\), got KVCache"):
+        model(tokens, cache=caches[0])
+    with pytest.raises(ValueError, match=r"cache must be a list of num_layers = 1 layer caches .*, got 2"):
+        model(tokens, cache=caches * 2)
+    logits, caches = model(tokens, cache=caches)
+    assert int(caches[0].length) == 3
+
+
 # ---------------------------------------------------------------- overflow: checked caches
 
 

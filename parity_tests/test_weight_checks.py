@@ -111,6 +111,15 @@ def test_finite_values_near_the_limit_still_load(name, tmp_path):
     assert w_k[3] == np.float32(big) and w_k[4] == -np.float32(big) and w_k[5] == 0.0
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("flag", ["strict", "allow_non_finite"])
+def test_switches_must_be_bools(name, flag, tmp_path):
+    """"False" is a truthy string: refused before the file is read."""
+    b, m = target(name, "float32")
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'False'"):
+        b.lib.load_weights(m, tmp_path / "missing.safetensors", **{flag: "False"})
+
+
 def test_both_frameworks_refuse_one_file_with_one_message(tmp_path):
     path = tmp_path / "w.safetensors"
     write_file(path, "float64", {"w_o": {2: float("nan")}, "b_o": {0: 1e300}})

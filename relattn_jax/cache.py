@@ -108,9 +108,8 @@ def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.A
         and the updated cache.
     """
     _check_type(cache)
-    if mask is not None and hasattr(mask, "shape"):
-        B, T, N, _ = k_new.shape
-        _spec.check_cache_mask(tuple(mask.shape), B, N, T, cache.max_length)
+    if mask is not None:  # before the causal mask is combined in: a wrong mask must not fail in there
+        mask = _check_mask(mask, k_new.shape, cache.max_length)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset)  # [T, S]
@@ -120,6 +119,16 @@ def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.A
 def _check_room(length, *, new: int, max_length: int) -> None:
     """Host side of a checked, traced update (runs with the concrete length)."""
     _spec.check_cache_room(int(length), new, max_length)
+
+
+def _check_mask(mask, new_shape, max_length: int) -> jax.Array:
+    """A bool array that broadcasts to [B, N, T, max_length] (messages as ``relative_attention``'s)."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
+    B, T, N, _ = new_shape
+    _spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
+    return mask
 
 
 def _check_type(cache) -> None:

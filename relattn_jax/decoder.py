@@ -152,6 +152,7 @@ class DecoderLM(nnx.Module):
             ``(logits, new_cache)`` when ``cache`` is given.
         """
         _check_tokens(tokens, self.cfg)
+        _check_cache(cache, self.cfg)
         dtype = self.dtype or self.tok_emb[...].dtype
         x = jnp.take(self.tok_emb[...], tokens, axis=0).astype(dtype)  # [B, T, E]
         if self.pos_emb is not None:
@@ -187,6 +188,17 @@ def _check_tokens(tokens, cfg: DecoderConfig) -> None:
         raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
     if tokens.size and not isinstance(tokens, jax.core.Tracer):  # traced: out-of-range ids give NaN rows
         _spec.check_token_range("tokens", int(jnp.min(tokens)), int(jnp.max(tokens)), cfg.vocab_size)
+
+
+def _check_cache(cache, cfg: DecoderConfig) -> None:
+    """None, or one layer cache per block, as ``init_cache`` returns them."""
+    if cache is None:
+        return
+    want = f"cache must be a list of num_layers = {cfg.num_layers} layer caches (from init_cache)"
+    if not isinstance(cache, (list, tuple)):
+        raise TypeError(f"{want}, got {type(cache).__name__}")
+    if len(cache) != cfg.num_layers:
+        raise ValueError(f"{want}, got {len(cache)}")
 
 
 def _cache_length(layer_cache):

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ._weightfile import (  # noqa: F401 (METADATA, LoadResult, Mismatch re-exported)
-    METADATA, LoadResult, Mismatch, check_cast, check_finite, compare, describe, read, write,
+    METADATA, LoadResult, Mismatch, check_cast, check_finite, check_flags, compare, describe, read, write,
 )
 
 # safetensors header dtype -> this framework's dtype (parameters are floating).
@@ -65,6 +65,7 @@ def load_weights(module: nnx.Module, path, *, strict: bool = True, allow_non_fin
             ``strict`` and the file does not match the module, or a tensor holds NaN/Inf
             (unless ``allow_non_finite``), or a cast to the parameter's dtype overflows.
     """
+    check_flags(strict=strict, allow_non_finite=allow_non_finite)
     found = read(path)
     params, paths = _named_params(module)
     expected = {n: tuple(p.shape) for n, p in params.items()}

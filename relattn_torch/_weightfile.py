@@ -100,6 +100,13 @@ def describe(path, result: LoadResult, expected: dict, found: dict) -> str:
     return "\n".join(lines)
 
 
+def check_flags(**flags) -> None:
+    """load_weights' switches must be bools ("False" is a truthy string)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def count_non_finite(dtype: str, data) -> int:
     """Number of NaN/Inf values in little-endian ``data`` of a floating safetensors dtype.
 

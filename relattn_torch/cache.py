@@ -112,13 +112,22 @@ def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask:
         the updated cache.
     """
     _check_type(cache)
-    if mask is not None and hasattr(mask, "shape"):
-        B, T, N, _ = k_new.shape
-        _spec.check_cache_mask(tuple(mask.shape), B, N, T, cache.max_length)
+    if mask is not None:  # before the causal mask is combined in: a wrong mask must not fail in there
+        _check_mask(mask, k_new.shape, cache.max_length)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset, device=cache.k.device)  # [T, S]
     return new.k, new.v, combine_masks(mask, visible), offset, new
+
+
+def _check_mask(mask, new_shape, max_length: int) -> None:
+    """A bool tensor that broadcasts to [B, N, T, max_length] (messages as ``relative_attention``'s)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__module__}.{type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+    B, T, N, _ = new_shape
+    _spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
 
 
 def _check_type(cache) -> None:

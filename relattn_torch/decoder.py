@@ -155,6 +155,7 @@ class DecoderLM(nn.Module):
             ``cache`` is given.
         """
         _check_tokens(tokens, self.cfg)
+        _check_cache(cache, self.cfg)
         x = self.tok_emb[tokens]  # [B, T, E]
         if self.pos_emb is not None:
             start = 0 if cache is None else int(_cache_length(cache[0]))
@@ -187,6 +188,17 @@ def _check_tokens(tokens, cfg: DecoderConfig) -> None:
     if tokens.numel() and not torch.compiler.is_compiling():  # compiled: inductor's own index assert
         lo, hi = torch.aminmax(tokens)
         _spec.check_token_range("tokens", int(lo), int(hi), cfg.vocab_size)
+
+
+def _check_cache(cache, cfg: DecoderConfig) -> None:
+    """None, or one layer cache per block, as ``init_cache`` returns them."""
+    if cache is None:
+        return
+    want = f"cache must be a list of num_layers = {cfg.num_layers} layer caches (from init_cache)"
+    if not isinstance(cache, (list, tuple)):
+        raise TypeError(f"{want}, got {type(cache).__name__}")
+    if len(cache) != cfg.num_layers:
+        raise ValueError(f"{want}, got {len(cache)}")
 
 
 def _cache_length(layer_cache):
