@@ -249,7 +249,7 @@ def decoder(name):
 
 
 GOOD = np.array([[0, 3, V - 1], [1, 2, 4]])
-RANGE = r"prompt token ids must be in \[0, vocab_size\) = \[0, 11\), got values in "
+RANGE = r"prompt must hold token ids in \[0, vocab_size\) = \[0, 11\), got values in "
 
 GENERATE_ERRORS = [  # (id, prompt, kwargs, error type, message)
     ("empty-P", np.zeros((2, 0), np.int64), {}, ValueError, r"prompt must hold at least one row and one token.*\[2, 0\]"),
@@ -293,6 +293,13 @@ def test_generate_refuses_bad_arguments(name, case):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_generate_needs_a_cache_model(name):
+    b = backend(name)
+    with pytest.raises(TypeError, match=r"model must offer init_cache\(batch_size, max_length\).*got object"):
+        call_generate(b, object(), GOOD, {})
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_negative_ids_refused_without_a_known_vocabulary(name):
     """A model with no vocab_size still gets the lower bound checked."""
     b, model = decoder(name)
@@ -303,7 +310,7 @@ def test_negative_ids_refused_without_a_known_vocabulary(name):
         def __call__(self, tokens, **kw):
             return model(tokens, **kw)
 
-    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, vocab_size\), got values in \[-1, 2\]"):
+    with pytest.raises(ValueError, match=r"prompt must hold token ids in \[0, vocab_size\), got values in \[-1, 2\]"):
         call_generate(b, Bare(), np.array([[-1, 2]]), {})
 
 
@@ -324,9 +331,9 @@ def test_decoder_refuses_ids_out_of_the_vocabulary(name, bad, seen):
     """DecoderLM itself, eagerly (with and without a cache); the valid ids still run."""
     b, model = decoder(name)
     tokens = b.array(np.array([[0, 3, bad]]))
-    with pytest.raises(ValueError, match=r"tokens token ids must be in \[0, vocab_size\) = \[0, 11\), got values in " + seen):
+    with pytest.raises(ValueError, match=r"tokens must hold token ids in \[0, vocab_size\) = \[0, 11\), got values in " + seen):
         model(tokens)
-    with pytest.raises(ValueError, match="tokens token ids must be in"):
+    with pytest.raises(ValueError, match="tokens must hold token ids in"):
         model(tokens, cache=model.init_cache(1, 4))
     logits = b.numpy(model(b.array(GOOD)))
     assert logits.shape == (2, 3, V) and np.isfinite(logits).all()

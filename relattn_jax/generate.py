@@ -21,7 +21,6 @@ traced once however full the cache is.
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +143,12 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
     B, P = prompt.shape
-    _check_scalars(B, P, max_new_tokens, temperature, seed)
+    _spec.check_generate_args(B, P, max_new_tokens, temperature, seed)
+    if not callable(getattr(model, "init_cache", None)):
+        raise TypeError(
+            f"model must offer init_cache(batch_size, max_length) and model(tokens, *, cache=...) "
+            f"(e.g. DecoderLM), got {type(model).__name__}"
+        )
     if loop not in ("scan", "eager"):
         raise ValueError(f"loop must be 'scan' or 'eager', got {loop!r}")
     if not isinstance(prompt, jax.core.Tracer):  # the jitted loop would read ids out of range silently
@@ -157,22 +161,6 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
         if int(jnp.min(prompt_lengths)) < 1 or int(jnp.max(prompt_lengths)) > P:
             raise ValueError(f"prompt_lengths must be in [1, P] = [1, {P}], got {list(map(int, prompt_lengths))}")
     return B, P
-
-
-def _check_scalars(B: int, P: int, max_new_tokens, temperature, seed) -> None:
-    """The framework-free rules of generate's arguments (the same function in the torch twin)."""
-    if B < 1 or P < 1:
-        raise ValueError(
-            f"prompt must hold at least one row and one token (B >= 1, P >= 1: generation continues "
-            f"from the last prompt token), got shape [B, P] = [{B}, {P}]"
-        )
-    _spec.check_int("max_new_tokens", max_new_tokens)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 <= float(temperature) < float("inf"):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
 
 
 def _vocab_size(model):

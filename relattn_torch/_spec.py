@@ -324,4 +324,20 @@ def check_token_range(name: str, lo: int, hi: int, vocab_size) -> None:
     """Token ids (values in [lo, hi]) must index the vocabulary: [0, vocab_size); no upper check if None."""
     if lo < 0 or (vocab_size is not None and hi >= vocab_size):
         bound = "[0, vocab_size)" if vocab_size is None else f"[0, vocab_size) = [0, {vocab_size})"
-        raise ValueError(f"{name} token ids must be in {bound}, got values in [{lo}, {hi}]")
+        raise ValueError(f"{name} must hold token ids in {bound}, got values in [{lo}, {hi}]")
+
+
+def check_generate_args(B: int, P: int, max_new_tokens, temperature, seed) -> None:
+    """generate's framework-free rules: a non-empty prompt [B, P], the step count, temperature, seed."""
+    if B < 1 or P < 1:
+        raise ValueError(
+            f"prompt must hold at least one row and one token (B >= 1, P >= 1: generation continues "
+            f"from the last prompt token), got shape [B, P] = [{B}, {P}]"
+        )
+    check_int("max_new_tokens", max_new_tokens)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 <= float(temperature) < math.inf:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")

@@ -13,8 +13,6 @@ same weights; sampled tokens differ, the two frameworks' random streams differ).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import _spec
@@ -97,7 +95,12 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
     if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
     B, P = prompt.shape
-    _check_scalars(B, P, max_new_tokens, temperature, seed)
+    _spec.check_generate_args(B, P, max_new_tokens, temperature, seed)
+    if not callable(getattr(model, "init_cache", None)):
+        raise TypeError(
+            f"model must offer init_cache(batch_size, max_length) and model(tokens, *, cache=...) "
+            f"(e.g. DecoderLM), got {type(model).__name__}"
+        )
     lo, hi = torch.aminmax(prompt)
     _spec.check_token_range("prompt", int(lo), int(hi), _vocab_size(model))
     if prompt_lengths is not None:
@@ -108,22 +111,6 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
         if int(prompt_lengths.min()) < 1 or int(prompt_lengths.max()) > P:
             raise ValueError(f"prompt_lengths must be in [1, P] = [1, {P}], got {prompt_lengths.tolist()}")
     return B, P
-
-
-def _check_scalars(B: int, P: int, max_new_tokens, temperature, seed) -> None:
-    """The framework-free rules of generate's arguments (the same function in the JAX twin)."""
-    if B < 1 or P < 1:
-        raise ValueError(
-            f"prompt must hold at least one row and one token (B >= 1, P >= 1: generation continues "
-            f"from the last prompt token), got shape [B, P] = [{B}, {P}]"
-        )
-    _spec.check_int("max_new_tokens", max_new_tokens)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 <= float(temperature) < float("inf"):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
 
 
 def _vocab_size(model):
