@@ -82,8 +82,8 @@ def update_kv_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) ->
 
     Raises ValueError on overflow (length + T > max_length) in eager mode. Under
     ``torch.compile`` the length is not read on the host, so by default there is no
-    check: ``index_copy_`` then fails with an out-of-range index (IndexError on CPU,
-    a device-side assert on CUDA). A ``checked`` cache asserts ``length + T <=
+    check: ``index_copy_`` then fails with an out-of-range index (on CPU an IndexError,
+    or inductor's "index out of bounds" RuntimeError; a device-side assert on CUDA). A ``checked`` cache asserts ``length + T <=
     max_length`` on the device instead (``torch._assert_async``: a RuntimeError whose
     message starts "cache overflow", a device-side assert on CUDA) and clamps the
     write so that the assert is the failure.
