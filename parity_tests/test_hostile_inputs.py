@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from . import oracle
 from .backends import backend
@@ -326,3 +328,46 @@ def test_half_precision_loses_no_more_than_the_framework_attention(bk, dtype, ma
     our_err, their_err = np.abs(ours - exact).max(), np.abs(theirs - exact_plain).max()
     assert np.isfinite(ours).all()
     assert our_err <= 1.5 * their_err + 4e-3, (our_err, their_err)
+
+
+@given(data=st.data())
+def test_non_finite_values_behind_random_masks(data):
+    """Random sizes, masks (with and without causal) and NaN / inf in random masked entries of k, v and
+    the Shaw tables: the rows that see none of them are unchanged, the others NaN; both frameworks."""
+    b, t, s, n = (data.draw(st.integers(1, hi), label=name) for name, hi in (("B", 2), ("T", 5), ("S", 6), ("N", 2)))
+    h, k_max = 3, data.draw(st.integers(0, 3), label="K")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    rng = np.random.default_rng(seed)
+    causal = data.draw(st.booleans(), label="is_causal")
+    mask = rng.random((b, 1, t, s)) < data.draw(st.sampled_from([0.3, 0.7]), label="density")
+    vis = oracle.visibility(b, n, t, s, mask, causal)
+    r = 2 * k_max + 1
+    x = {"q": rng.standard_normal((b, t, n, h)), "k": rng.standard_normal((b, s, n, h)),
+         "v": rng.standard_normal((b, s, n, h)), "rel_k": rng.standard_normal((r, h)),
+         "rel_v": rng.standard_normal((r, n, h))}
+    spoilt = {name: a.copy() for name, a in x.items()}
+    bad = np.zeros((b, n, t, s), bool)  # entries whose inputs hold a non-finite value
+    ids = oracle.shaw_ids(t, s, k_max, s - t)
+    for _ in range(data.draw(st.integers(1, 3), label="spoils")):
+        value = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]), label="value")
+        where = data.draw(st.sampled_from(["k", "v", "rel_k", "rel_v"]), label="where")
+        if where in ("k", "v"):
+            bb, j, nn = rng.integers(b), rng.integers(s), rng.integers(n)
+            spoilt[where][bb, j, nn, rng.integers(h)] = value
+            bad[bb, nn, :, j] = True
+        else:
+            row = rng.integers(r)
+            heads = np.ones(n, bool) if where == "rel_k" else np.arange(n) == rng.integers(n)
+            if where == "rel_k":
+                spoilt[where][row, rng.integers(h)] = value
+            else:
+                spoilt[where][row, np.argmax(heads), rng.integers(h)] = value
+            bad |= (ids == row)[None, None] & heads[None, :, None, None]
+    rows = np.moveaxis((vis & bad).any(-1), 1, 2)  # [B, T, N]
+    for name in ("torch", "jax"):
+        bk = backend(name)
+        kw = dict(max_distance=k_max, mask=mask, is_causal=causal)
+        out, clean = bk.attention(spoilt, **kw), bk.attention(x, **kw)
+        assert np.isnan(out[rows]).all(), name
+        if (~rows).any():
+            assert_close(out[~rows], clean[~rows])
