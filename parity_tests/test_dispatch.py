@@ -32,8 +32,9 @@ SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
 # The fused kernel (fused.py) can run on the accelerator rows (kernel=None) and not on the CPU
 # rows (kernel=CPU_KERNEL, as fused.unavailable says without an interpreter switch); "auto"
 # takes it on accelerators only, for the Shaw form in float32/float16/bfloat16 without dropout.
+# mask: "mask" is a mask with a T dim, "pad" a key-padding mask [B, 1, 1, S].
 # The torch banded Shaw path needs CPU float32 /
-# float64, no mask, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
+# float64, no mask or a key-padding one, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
 # the jax Shaw path takes any of those, but leaves B * N * T * S >= 2**27 to blockwise.
 TABLE = """
 form   mask  causal  dropout  dtype     device  size   q_offset | torch      jax
@@ -49,6 +50,10 @@ shaw   -     -       dropout  bfloat16  accel   small  default  | einsum     ein
 shaw   -     -       -        float64   accel   small  default  | einsum     shaw
 shaw   -     -       -        float32   tpu     small  default  | -          fused
 shaw   mask  -       -        float32   cpu     small  default  | einsum     shaw
+shaw   pad   -       -        float32   cpu     small  default  | shaw       shaw
+shaw   pad   causal  -        float64   cpu     small  default  | shaw       shaw
+shaw   pad   causal  -        float32   cpu     at     default  | shaw       blockwise
+shaw   pad   -       -        bfloat16  cpu     small  default  | einsum     shaw
 shaw   -     -       dropout  float32   cpu     small  default  | einsum     einsum
 shaw   -     causal  -        float32   cpu     small  default  | shaw       shaw
 shaw   -     causal  -        float32   cpu     small  -3       | einsum     shaw
@@ -77,6 +82,7 @@ none   -     -       -        float32   accel   at     -        | blockwise  blo
 class Row:
     form: str
     masked: bool
+    key_padding: bool
     is_causal: bool
     dropout: bool
     dtype: str
@@ -87,7 +93,8 @@ class Row:
 
     @property
     def id(self) -> str:
-        flags = [f for f, on in (("mask", self.masked), ("causal", self.is_causal), ("dropout", self.dropout)) if on]
+        flags = [f for f, on in (("pad" if self.key_padding else "mask", self.masked), ("causal", self.is_causal),
+                                 ("dropout", self.dropout)) if on]
         offset = [] if self.q_offset in ("-", "default") else [f"off{self.q_offset}"]
         return "-".join([self.form, *flags, self.dtype, self.device, self.size, *offset])
 
@@ -101,13 +108,13 @@ class Row:
         device = {"accel": ACCELERATOR[fw], "tpu": "tpu", "cpu": "cpu"}[self.device]
         return choice._Case(B=B, T=T, S=S, N=N, H=H, dtype=self.dtype, device=device, form=self.form,
                             kernel=CPU_KERNEL if device == "cpu" else None, masked=self.masked,
-                            is_causal=self.is_causal, dropout=self.dropout,
+                            key_padding=self.key_padding, is_causal=self.is_causal, dropout=self.dropout,
                             max_distance=K if self.form == "shaw" else None, q_offset=q_offset)
 
 
 def _parse(table: str) -> list[Row]:
     lines = [line.split() for line in table.strip().splitlines()[1:]]
-    return [Row(form, mask == "mask", causal == "causal", dropout == "dropout", dtype, device, size, off,
+    return [Row(form, mask in ("mask", "pad"), mask == "pad", causal == "causal", dropout == "dropout", dtype, device, size, off,
                 {"torch": torch_path, "jax": jax_path})
             for form, mask, causal, dropout, dtype, device, size, off, _, torch_path, jax_path in lines]
 
@@ -170,7 +177,8 @@ def _arrays(fw, row):
         dt, ints = getattr(jnp, row.dtype), jnp.int32
         arr = lambda *shape, dtype=dt: jnp.zeros(shape, dtype=dtype)  # noqa: E731
     q, k, v = arr(B, T, N, 1), arr(B, S, N, 1), arr(B, S, N, 1)
-    kw = dict(mask=arr(1, 1, 1, 1, dtype=bool) if row.masked else None, is_causal=row.is_causal,
+    mask = arr(B, 1, 1, S, dtype=bool) if row.key_padding else arr(1, 1, T, 1, dtype=bool)
+    kw = dict(mask=mask if row.masked else None, is_causal=row.is_causal,
               dropout_p=0.1 if row.dropout else 0.0)
     if row.form != "none":
         kw["rel_k"] = arr(2 * K + 1, 1)

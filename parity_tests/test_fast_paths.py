@@ -68,13 +68,14 @@ def _mask_grid():
 
 @pytest.mark.parametrize("fw, impl, mask_name", list(_mask_grid()))
 def test_masked_shaw(fw, impl, mask_name):
-    """Masks go to an exact path: torch 'auto' falls back from the banded path, jax 'shaw' takes them."""
+    """Masks go to an exact path: the torch banded path takes key-padding masks only ('auto' falls
+    back from it for the others), jax 'shaw' takes any."""
     be = backend(fw)
     mask = _masks()[mask_name]
     x = shaw_inputs(5, 5, 6, 2)
     kw = dict(max_distance=2, mask=mask, scale=SCALE)
-    if fw == "torch" and impl == "shaw":
-        with pytest.raises(ValueError, match="implementation='shaw' needs"):
+    if fw == "torch" and impl == "shaw" and mask_name != "padding":
+        with pytest.raises(ValueError, match=r"implementation='shaw' needs no mask or a key-padding mask \[B, 1, 1, S\]"):
             be.attention(x, implementation=impl, **kw)
         return
     ref = oracle_shaw(x, 2, 1, 5, 6, mask=mask)
@@ -82,6 +83,22 @@ def test_masked_shaw(fw, impl, mask_name):
     vis = oracle.visibility(B, N, 5, 6, mask)
     empty = ~vis.any(-1)  # [B, N, T]
     assert np.all(out.transpose(0, 2, 1, 3)[empty] == 0.0)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("case", SHAW_CASES, ids=lambda c: c.id)
+def test_key_padding_on_the_shaw_paths(fw, case):
+    """A key-padding mask [B, 1, 1, S] on every Shaw geometry (band blocks, tail rectangles and
+    triangles, reversed calls): example 0 has random padding, example 1 is all padding."""
+    be = backend(fw)
+    x = case.inputs(13)
+    valid = np.random.default_rng(case.T * 31 + case.S).random((B, case.S)) < 0.6
+    valid[1] = False
+    mask = valid[:, None, None, :]
+    ref = oracle_shaw(x, case.K, case.offset, case.T, case.S, is_causal=case.causal, mask=mask)
+    kw = dict(max_distance=case.K, q_offset=case.q_offset, is_causal=case.causal, scale=SCALE, mask=mask)
+    out = check_path(be, x, np.random.default_rng(1).normal(size=ref.shape), ref, "shaw", **kw)
+    assert np.all(out[1] == 0.0)  # no key to see
 
 
 def _table_and_dense_inputs(form, T=7, S=5):
@@ -150,8 +167,10 @@ def test_torch_auto_picks_banded_shaw_path(monkeypatch):
     x = shaw_inputs(1, 6, 6, 2)
     be.attention(x, max_distance=2, scale=SCALE)
     assert calls == [1]
-    be.attention(x, max_distance=2, scale=SCALE, mask=np.ones((6, 6), bool))  # masks fall back
+    be.attention(x, max_distance=2, scale=SCALE, mask=np.ones((6, 6), bool))  # a mask over T falls back
     assert calls == [1]
+    be.attention(x, max_distance=2, scale=SCALE, mask=np.ones((B, 1, 1, 6), bool))  # key padding stays
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)

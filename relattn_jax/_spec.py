@@ -141,6 +141,12 @@ def check_mask_shape(shape: Shape, d: Dims) -> None:
         raise ValueError(f"mask must broadcast to [B, N, T, S] = {fmt(target)}, got shape {fmt(shape)}")
 
 
+def is_key_padding(mask_shape: Shape, T: int, N: int) -> bool:
+    """Whether a mask of this shape (broadcastable to [B, N, T, S]) varies only along B and S."""
+    full = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+    return (full[1] == 1 or N == 1) and (full[2] == 1 or T == 1)
+
+
 def check_rel_args(rel_k, rel_v, rel_ids) -> None:
     if rel_ids is not None and rel_k is None and rel_v is None:
         raise ValueError("rel_ids was given but both rel_k and rel_v are None; pass at least one relation table")

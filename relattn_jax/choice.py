@@ -6,7 +6,7 @@ maps the clipped ids through one expand / reduce pair: it runs on any backend an
 masks and a traced q_offset, but like any XLA attention it holds [B, N, T, S] logits, so
 "auto" takes it only below ``LONG_SEQUENCE_THRESHOLD`` and leaves longer sequences to the
 blockwise path (whose blocks then take the Shaw path). The torch twin's banded Shaw path never
-holds those logits and takes every size, but only CPU float32/float64 tensors, no mask and an
+holds those logits and takes every size, but only CPU float32/float64 tensors, no mask or a key-padding one, and an
 int q_offset.
 
 Dimension legend as in ``attention.py``: B T S N.
@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import fused
+from . import _spec, fused
 from .einsum import AttentionArgs
 
 # "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
@@ -66,6 +66,7 @@ class _Case:
     form: str  # "none", "dense" (edge tensors), "table" (rel_ids) or "shaw" (max_distance)
     kernel: str | None  # why fused.py's kernel cannot run on this device (fused.unavailable), or None
     masked: bool = False
+    key_padding: bool = False  # the mask varies only along B and S (e.g. [B, 1, 1, S])
     is_causal: bool = False
     dropout: bool = False
     max_distance: int | None = None
@@ -221,7 +222,8 @@ def _case(q, k, args: AttentionArgs) -> _Case:
         q_offset = None
     return _Case(B=B, T=T, S=S, N=N, H=H, dtype=jnp.dtype(q.dtype).name, device=_backend(q),
                  form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
-                 masked=args.mask is not None, is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
+                 masked=args.mask is not None,
+                 key_padding=args.mask is not None and _spec.is_key_padding(tuple(args.mask.shape), T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
                  max_distance=args.max_distance, q_offset=q_offset)
 
 

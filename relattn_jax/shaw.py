@@ -2,7 +2,7 @@
 
 Why this twin differs: the torch twin runs the clipped tails in torch's fused CPU flash
 kernel and only the band by hand, so it never holds [B, N, T, S] logits, but that kernel takes
-no mask, no dropout, only CPU float32/float64 and an int q_offset. XLA has no such kernel, so
+only a key-padding mask, no dropout, only CPU float32/float64 and an int q_offset. XLA has no such kernel, so
 here both relation terms are one expand / reduce pair over the full logits, which works on any
 backend and dtype with any mask and a traced q_offset. Both compute exactly the same function.
 

@@ -81,7 +81,7 @@ def relative_attention(
             Triton kernel; ``max_distance``, no dropout, float32/float16/bfloat16, CUDA
             tensors, or CPU tensors with TRITON_INTERPRET=1), "einsum" (``einsum.py``: the
             equations over [B, N, T, S] logits), "shaw" (``shaw.py``: the banded Shaw
-            path; CPU float32/float64, ``max_distance``, no mask, no dropout, an int
+            path; CPU float32/float64, ``max_distance``, no mask or a key-padding mask, no dropout, an int
             q_offset) or "blockwise" (``blockwise.py``: query blocks, memory linear in S).
             "reference" is a deprecated alias of "einsum". The table is on the
             Implementations page of the docs.

@@ -2,7 +2,7 @@
 
 Why this twin differs: here a Python loop runs the blocks (each under
 ``torch.utils.checkpoint``) and every block takes the einsum path, since this package's Shaw
-path takes no mask and a block's causal rows arrive as one. The JAX twin runs the blocks with
+path takes no mask but a key-padding one and a block's causal rows arrive as one. The JAX twin runs the blocks with
 ``lax.map`` over zero-padded blocks of equal size (one traced body, so XLA compiles it once)
 under ``jax.checkpoint``, and in the Shaw form each block takes its Shaw path.
 

@@ -3,7 +3,7 @@
 Why this twin differs: the rules are the same and in the same order in both packages, but the
 Shaw path is a different algorithm in each, so its conditions differ. This package's banded
 Shaw path runs torch's fused CPU flash kernel on the clipped tails: it needs CPU float32 /
-float64 tensors, no mask, no dropout, an int q_offset and, when causal,
+float64 tensors, no mask or a key-padding mask ([B, 1, 1, S]), no dropout, an int q_offset and, when causal,
 q_offset + max(max_distance, 1) > S - T. It never holds [B, N, T, S] logits, so "auto" takes it
 at every size. The JAX Shaw path runs on any device and dtype, with masks and a traced
 q_offset, but holds the [B, N, T, S] logits, so there "auto" leaves long sequences to the
@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import fused, shaw
+from . import _spec, fused, shaw
 from .einsum import AttentionArgs
 
 # "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
@@ -65,6 +65,7 @@ class _Case:
     form: str  # "none", "dense" (edge tensors), "table" (rel_ids) or "shaw" (max_distance)
     kernel: str | None  # why fused.py's kernel cannot run on this device (fused.unavailable), or None
     masked: bool = False
+    key_padding: bool = False  # the mask varies only along B and S (e.g. [B, 1, 1, S])
     is_causal: bool = False
     dropout: bool = False
     max_distance: int | None = None
@@ -113,8 +114,8 @@ def _shaw_blocked(c: _Case) -> str | None:
         return "needs max_distance (the Shaw form)"
     if c.empty:
         return c.empty
-    if c.masked:
-        return "needs no mask (this package's banded path)"
+    if c.masked and not c.key_padding:
+        return "needs no mask or a key-padding mask [B, 1, 1, S] (this package's banded path)"
     if c.dropout:
         return "needs dropout_p=0"
     if c.dtype not in ("float32", "float64"):
@@ -228,7 +229,8 @@ def _case(q, k, args: AttentionArgs) -> _Case:
         q_offset = None
     return _Case(B=B, T=T, S=S, N=N, H=H, dtype=str(q.dtype).removeprefix("torch."), device=q.device.type,
                  form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
-                 masked=args.mask is not None, is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
+                 masked=args.mask is not None,
+                 key_padding=args.mask is not None and _spec.is_key_padding(tuple(args.mask.shape), T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
                  max_distance=args.max_distance, q_offset=q_offset)
 
 

@@ -3,7 +3,8 @@
 Why this twin differs: torch has a fused attention kernel on CPU and XLA has none, so this
 path runs the tails in that kernel and only the band by hand, never holding [B, N, T, S]
 logits; the plan of calls and band blocks lives in the private ``_shaw_plan.py``. The kernel
-takes no mask and no dropout, only CPU float32/float64 tensors and an int q_offset, so
+takes no dropout and, as a mask, only a key-padding one (an additive [B, 1, 1, S] bias; the band masks
+the same keys), only CPU float32/float64 tensors and an int q_offset, so
 ``choice.py`` sends other calls elsewhere. The JAX twin maps the clipped ids through one
 expand / reduce pair over the full logits, which takes any mask, dtype and traced q_offset.
 Both compute exactly the same function.
@@ -59,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _spec
 from ._shaw_plan import Band, Plan
 from .einsum import AttentionArgs
 
@@ -101,29 +103,34 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
         k: keys [B, S, N, H].
         v: values [B, S, N, H].
         args: the checked arguments of the call, in the Shaw form: tables ``rel_k`` / ``rel_v``
-            [R, H] or [R, N, H] with R = 2 * max_distance + 1, an int ``q_offset``, no mask, no
+            [R, H] or [R, N, H] with R = 2 * max_distance + 1, an int ``q_offset``, no mask or a
+            key-padding mask (one that varies only along B and S, e.g. [B, 1, 1, S]), no
             dropout and, when causal, q_offset + max(max_distance, 1) > S - T (``choice.py``
             sends other calls to another path).
 
     Returns:
         [B, T, N, H]; a query that sees no key returns 0.
     """
-    if args.mask is not None or args.dropout_p > 0.0 or args.max_distance is None:
-        raise ValueError("the banded Shaw path takes max_distance, no mask and no dropout")
     B, T, N, H = q.shape
     S = k.shape[1]
+    if (args.mask is not None and not _spec.is_key_padding(tuple(args.mask.shape), T, N)) or args.dropout_p > 0.0 \
+            or args.max_distance is None:
+        raise ValueError("the banded Shaw path takes max_distance, no mask or a key-padding mask, and no dropout")
+    valid = None if args.mask is None else args.mask.reshape(-1, args.mask.shape[-1]).expand(B, S).contiguous()
     scale = args.scale
     if scale <= 0.0:  # torch's flash kernel scales its masked -inf logits: 0 * -inf is NaN, -1 * -inf is +inf
         q, scale = q * scale, 1.0
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N * H) // _BAND_BLOCK) * _BAND_BLOCK  # backward rows per chunk
     plan = Plan(T, S, args.q_offset, args.max_distance, S - T if args.is_causal else None, _BAND_BLOCK, chunk)
-    return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, scale)
+    return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, scale, valid)
 
 
 @dataclass(frozen=True)
 class _Inputs:
     """One call's q, k, v as [B, N, L, H] views of their [B, L, N, H] storage, k itself (the tails
-    read it in its own layout), the tables as per-head [N, R, H] views (or None), and the scale."""
+    read it in its own layout), the tables as per-head [N, R, H] views (or None), the scale, and
+    a key-padding mask: ``valid`` [B, S] bool and ``bias`` [B, 1, 1, S] (0 or -inf, the fused
+    kernel's additive mask), or None."""
 
     qt: torch.Tensor
     kt: torch.Tensor
@@ -132,13 +139,16 @@ class _Inputs:
     rk: torch.Tensor | None
     rv: torch.Tensor | None
     scale: float
+    valid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, q, k, v, rel_k, rel_v, scale):
+    def of(cls, q, k, v, rel_k, rel_v, scale, valid=None):
         N = q.shape[2]
         rk = None if rel_k is None else _heads(rel_k, N)
         rv = None if rel_v is None else _heads(rel_v, N)
-        return cls(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k, rk, rv, scale)
+        bias = None if valid is None else q.new_zeros(valid.shape).masked_fill_(~valid, -torch.inf)[:, None, None]
+        return cls(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k, rk, rv, scale, valid, bias)
 
 
 @dataclass(frozen=True)
@@ -206,9 +216,9 @@ def _heads(t, N):
 
 class _ShawFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rel_k, rel_v, plan, scale):
+    def forward(ctx, q, k, v, rel_k, rel_v, plan, scale, valid):
         q, k, v = (_kernel_ready(t) for t in (q, k, v))
-        x = _Inputs.of(q, k, v, rel_k, rel_v, scale)
+        x = _Inputs.of(q, k, v, rel_k, rel_v, scale, valid)
         B, T, N, H = q.shape
         band_on = plan.K > 0
         z = q.new_empty(B, T, N, H) if band_on else q.new_zeros(B, T, N, H)
@@ -219,15 +229,15 @@ class _ShawFunction(torch.autograd.Function):
             if band_on:
                 _band_forward(Band(plan, r0, r1), x, acc, m)
             _tails_forward(plan, (r0, r1), x, acc, m)
-        ctx.save_for_backward(q, k, v, rel_k, rel_v, z, lse)
+        ctx.save_for_backward(q, k, v, rel_k, rel_v, z, lse, valid)
         ctx.plan, ctx.scale = plan, scale
         return z
 
     @staticmethod
     def backward(ctx, dz):
-        q, k, v, rel_k, rel_v, z, lse = ctx.saved_tensors
+        q, k, v, rel_k, rel_v, z, lse, valid = ctx.saved_tensors
         plan = ctx.plan
-        x = _Inputs.of(q, k, v, rel_k, rel_v, ctx.scale)
+        x = _Inputs.of(q, k, v, rel_k, rel_v, ctx.scale, valid)
         o = _Output(z.transpose(1, 2), _kernel_ready(dz).transpose(1, 2), torch.where(torch.isfinite(lse), lse, 0.0))
         g = _Grads.zeros(q, k, v, x, 2 * plan.K + 1)
         for r0, r1 in plan.chunks(plan.chunk):
@@ -236,7 +246,7 @@ class _ShawFunction(torch.autograd.Function):
                 _band_backward(Band(plan, r0, r1), x, o, g)
         drk = None if g.drk is None else (g.drk.sum(0) if rel_k.dim() == 2 else g.drk.transpose(0, 1))
         drv = None if g.drv is None else (g.drv.sum(0) if rel_v.dim() == 2 else g.drv.transpose(0, 1))
-        return g.dq, g.dk, g.dv, drk, drv, None, None
+        return g.dq, g.dk, g.dv, drk, drv, None, None, None
 
 
 def _tails_forward(plan, rows, x: _Inputs, acc, m):
@@ -245,8 +255,11 @@ def _tails_forward(plan, rows, x: _Inputs, acc, m):
     for c in plan.calls(*rows):
         (lo, hi), (s0, s1) = c.rows, c.keys
         ck = _tail_keys(x.k, s0, s1, x.rk, c)
-        o, l = _flash(_take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip), 0.0, c.causal, scale=x.scale)
+        o, l = _flash(_take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip), 0.0, c.causal,
+                      attn_mask=_key_bias(x, s0, s1, c.flip), scale=x.scale)
         del ck
+        if x.valid is not None:  # the kernel gives a row with no valid key o = 0 and lse = 0: make it -inf
+            l.masked_fill_(~_rows_seeing(x.valid, (s0, s1), c.flip, c.causal, hi - lo), -torch.inf)
         if c.flip:
             o, l = o.flip(2), l.flip(2)
         if x.rv is not None:
@@ -274,7 +287,8 @@ def _tails_backward(plan, rows, x: _Inputs, o: _Output, g: _Grads):
             cout = out[:, :, lo - r0 : hi - r0]
         ck = _tail_keys(x.k, s0, s1, x.rk, c)
         d = _flash_bwd(_take(o.dzt, lo, hi, c.flip), _take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip),
-                       cout, _take(o.lse, lo, hi, c.flip), 0.0, c.causal, scale=x.scale)
+                       cout, _take(o.lse, lo, hi, c.flip), 0.0, c.causal, attn_mask=_key_bias(x, s0, s1, c.flip),
+                       scale=x.scale)
         del ck, cout
         if g.drk is not None:
             g.drk[:, row].add_(d[1].sum((0, 2)))
@@ -285,9 +299,32 @@ def _tails_backward(plan, rows, x: _Inputs, o: _Output, g: _Grads):
         del d, dt
 
 
+def _key_bias(x: _Inputs, s0, s1, flip):
+    """The additive key-padding mask of keys [s0, s1) as [B, 1, 1, keys] (reversed if ``flip``), or None."""
+    if x.bias is None:
+        return None
+    bias = x.bias[..., s0:s1]
+    return bias.flip(-1) if flip else bias
+
+
+def _rows_seeing(valid, keys, flip, causal, n_rows):
+    """[B, 1, n_rows]: whether each row of a fused call (in call order) sees a valid key.
+
+    A rectangle call's rows all see keys [s0, s1); in a top-left causal call row u sees the
+    first u + 1 of them."""
+    seen = valid[:, keys[0] : keys[1]]
+    seen = seen.flip(1) if flip else seen
+    if not causal:
+        return seen.any(-1)[:, None, None].expand(-1, 1, n_rows)
+    upto = seen.to(torch.uint8).cummax(-1).values.bool()  # [B, keys]: a valid key among the first u + 1
+    last = torch.arange(n_rows, device=valid.device).clamp_max(seen.shape[1] - 1)
+    return upto[:, last][:, None]
+
+
 def _merge(acc, m, o, l):
-    """acc, m <- the log-sum-exp merge of (acc, m) and (o, l): acc [B, N, n, H] (finite), m [B, N, n], l finite."""
-    acc.lerp_(o, torch.sigmoid(l - m)[..., None])  # weight of o: e^l / (e^m + e^l); 1 where m = -inf
+    """acc, m <- the log-sum-exp merge of (acc, m) and (o, l): acc [B, N, n, H] (finite), m [B, N, n], l [B, N, n]."""
+    w = torch.sigmoid(l - m).nan_to_num_(0.0)  # weight of o: e^l / (e^m + e^l); 1 where m = -inf, 0 where l = -inf
+    acc.lerp_(o, w[..., None])
     torch.logaddexp(m, l, out=m)
 
 
@@ -301,6 +338,8 @@ def _band_forward(band, x: _Inputs, acc, m):
         band.diagonals(s).add_(_rows_times(qs, x.rk[:, 1 : 2 * K].transpose(-1, -2)))  # + scale q . a^K_ij
     del qs
     s.masked_fill_(band.invalid(s.device), -torch.inf)
+    if x.valid is not None:
+        s.masked_fill_(_padded_keys(band, x.valid), -torch.inf)
     mx = s.amax(-1).clamp_min_(torch.finfo(s.dtype).min)  # finite
     p = s.sub_(mx[..., None]).exp_()
     total = p.sum(-1)
@@ -331,6 +370,8 @@ def _band_backward(band, x: _Inputs, o: _Output, g: _Grads):
     if x.rk is not None:
         band.diagonals(p).add_(_rows_times(qs, x.rk[:, 1 : 2 * K].transpose(-1, -2)))
     p.masked_fill_(band.invalid(p.device), -torch.inf)
+    if x.valid is not None:
+        p.masked_fill_(_padded_keys(band, x.valid), -torch.inf)
     p.sub_(band.blocks(o.lse[:, :, r0:r1, None])).exp_()  # probabilities; off-band entries are exp(-inf) = 0
     ds.mul_(p)  # d logits = p * (dz . (v_j + a^V_ij) - D)
     dq = torch.matmul(ds, k_win)
@@ -347,6 +388,13 @@ def _band_backward(band, x: _Inputs, o: _Output, g: _Grads):
     band.fold_into(torch.matmul(p.transpose(-1, -2), dzb), dvt)
     if x.rv is not None:
         g.drv[:, 1 : 2 * K].add_(_rows_dot(band.diagonals(p), dzb))
+
+
+def _padded_keys(band, valid):
+    """[B, 1, nblk, 1, P * b] bool: True where a block's window key is padding (off the sequence counts as valid:
+    ``Band.invalid`` masks it)."""
+    win = band.windows((~valid)[:, None, :, None].to(torch.uint8))  # [B, 1, nblk, P * b, 1]
+    return win.squeeze(-1).bool()[:, :, :, None, :]
 
 
 def _rows_times(x, t):
