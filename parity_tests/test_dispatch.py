@@ -33,15 +33,16 @@ SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
 # rows (kernel=CPU_KERNEL, as fused.unavailable says without an interpreter switch); "auto"
 # takes it on accelerators only, for the Shaw form in float32/float16/bfloat16 without dropout.
 # mask: "mask" is a mask with a T dim, "pad" a key-padding mask [B, 1, 1, S].
-# The torch banded Shaw path needs CPU float32 /
-# float64, no mask or a key-padding one, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
+# form "+qb": rel_q / rel_bias given (only the einsum and blockwise paths take them).
+# The torch banded Shaw path needs CPU tensors (half ones run in float32),
+# no mask or a key-padding one, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
 # the jax Shaw path takes any of those, but leaves B * N * T * S >= 2**27 to blockwise.
 TABLE = """
 form   mask  causal  dropout  dtype     device  size   q_offset | torch      jax
 shaw   -     -       -        float32   cpu     small  default  | shaw       shaw
 shaw   -     -       -        float64   cpu     small  default  | shaw       shaw
-shaw   -     -       -        bfloat16  cpu     small  default  | einsum     shaw
-shaw   -     -       -        float16   cpu     small  default  | einsum     shaw
+shaw   -     -       -        bfloat16  cpu     small  default  | shaw       shaw
+shaw   -     -       -        float16   cpu     small  default  | shaw       shaw
 shaw   -     -       -        float32   accel   small  default  | fused      fused
 shaw   -     -       -        bfloat16  accel   small  default  | fused      fused
 shaw   mask  causal  -        bfloat16  accel   small  array    | fused      fused
@@ -53,7 +54,7 @@ shaw   mask  -       -        float32   cpu     small  default  | einsum     sha
 shaw   pad   -       -        float32   cpu     small  default  | shaw       shaw
 shaw   pad   causal  -        float64   cpu     small  default  | shaw       shaw
 shaw   pad   causal  -        float32   cpu     at     default  | shaw       blockwise
-shaw   pad   -       -        bfloat16  cpu     small  default  | einsum     shaw
+shaw   pad   -       -        bfloat16  cpu     small  default  | shaw       shaw
 shaw   -     -       dropout  float32   cpu     small  default  | einsum     einsum
 shaw   -     causal  -        float32   cpu     small  default  | shaw       shaw
 shaw   -     causal  -        float32   cpu     small  -3       | einsum     shaw
@@ -75,6 +76,12 @@ dense  mask  causal  -        float32   accel   small  -        | einsum     ein
 dense  -     -       -        float32   cpu     at     -        | blockwise  blockwise
 none   -     causal  -        float32   cpu     small  -        | einsum     einsum
 none   -     -       -        float32   accel   at     -        | blockwise  blockwise
+shaw+qb  -   -       -        float32   cpu     small  default  | einsum     einsum
+shaw+qb  -   -       -        bfloat16  accel   small  default  | einsum     einsum
+shaw+qb  pad causal  -        float32   cpu     small  default  | einsum     einsum
+shaw+qb  -   -       -        float32   cpu     at     default  | blockwise  blockwise
+table+qb -   -       -        float32   cpu     small  -        | einsum     einsum
+table+qb -   -       -        float32   accel   at     -        | blockwise  blockwise
 """
 
 
@@ -90,13 +97,15 @@ class Row:
     size: str
     q_offset: str  # "default", an int, "array", or "-" (not the Shaw form)
     expected: dict  # framework -> path
+    query_terms: bool = False  # rel_q / rel_bias given ("+qb" after the form)
 
     @property
     def id(self) -> str:
         flags = [f for f, on in (("pad" if self.key_padding else "mask", self.masked), ("causal", self.is_causal),
                                  ("dropout", self.dropout)) if on]
         offset = [] if self.q_offset in ("-", "default") else [f"off{self.q_offset}"]
-        return "-".join([self.form, *flags, self.dtype, self.device, self.size, *offset])
+        form = self.form + ("+qb" if self.query_terms else "")
+        return "-".join([form, *flags, self.dtype, self.device, self.size, *offset])
 
     def case(self, choice, fw):
         """The rules' view of this row in framework ``fw`` (its ``choice._Case``)."""
@@ -109,13 +118,15 @@ class Row:
         return choice._Case(B=B, T=T, S=S, N=N, H=H, dtype=self.dtype, device=device, form=self.form,
                             kernel=CPU_KERNEL if device == "cpu" else None, masked=self.masked,
                             key_padding=self.key_padding, is_causal=self.is_causal, dropout=self.dropout,
-                            max_distance=K if self.form == "shaw" else None, q_offset=q_offset)
+                            max_distance=K if self.form == "shaw" else None, q_offset=q_offset,
+                            query_terms=self.query_terms)
 
 
 def _parse(table: str) -> list[Row]:
     lines = [line.split() for line in table.strip().splitlines()[1:]]
-    return [Row(form, mask in ("mask", "pad"), mask == "pad", causal == "causal", dropout == "dropout", dtype, device, size, off,
-                {"torch": torch_path, "jax": jax_path})
+    return [Row(form.partition("+")[0], mask in ("mask", "pad"), mask == "pad", causal == "causal",
+                dropout == "dropout", dtype, device, size, off, {"torch": torch_path, "jax": jax_path},
+                query_terms=form.endswith("+qb"))
             for form, mask, causal, dropout, dtype, device, size, off, _, torch_path, jax_path in lines]
 
 
@@ -182,6 +193,8 @@ def _arrays(fw, row):
               dropout_p=0.1 if row.dropout else 0.0)
     if row.form != "none":
         kw["rel_k"] = arr(2 * K + 1, 1)
+    if row.query_terms:
+        kw["rel_q"], kw["rel_bias"] = arr(2 * K + 1, 1), arr(2 * K + 1, N)
     if row.form == "table":
         kw["rel_ids"] = arr(T, 1, dtype=ints)
     if row.form == "shaw":
@@ -214,7 +227,8 @@ FORCED = [
     ("shaw", "table-float32-cpu-small", "ValueError: needs max_distance", "ValueError: needs max_distance"),
     ("shaw", "shaw-mask-float32-cpu-small", "ValueError: needs no mask", "shaw"),
     ("shaw", "shaw-float32-accel-small", "ValueError: needs CPU tensors", "shaw"),
-    ("shaw", "shaw-bfloat16-cpu-small", "ValueError: needs float32/float64", "shaw"),
+    ("shaw", "shaw-bfloat16-cpu-small", "shaw", "shaw"),
+    ("shaw", "shaw-pad-float32-cpu-small", "shaw", "shaw"),
     ("shaw", "shaw-causal-float32-cpu-small-off-3", "ValueError: q_offset + max(max_distance, 1) > S - T", "shaw"),
     ("shaw", "shaw-dropout-float32-cpu-small", "ValueError: needs dropout_p=0", "ValueError: needs dropout_p=0"),
     ("shaw", "shaw-float32-cpu-at", "shaw", "shaw"),

@@ -118,8 +118,8 @@ def _shaw_blocked(c: _Case) -> str | None:
         return "needs no mask or a key-padding mask [B, 1, 1, S] (this package's banded path)"
     if c.dropout:
         return "needs dropout_p=0"
-    if c.dtype not in ("float32", "float64"):
-        return f"needs float32/float64 tensors (this package's banded path), got {c.dtype}"
+    if c.dtype not in ("float32", "float64", "bfloat16", "float16"):
+        return f"needs float32/float64/bfloat16/float16 tensors (this package's banded path), got {c.dtype}"
     if c.device != "cpu":
         return f"needs CPU tensors (this package's banded path), got {c.device}"
     if c.q_offset is None:

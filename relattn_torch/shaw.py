@@ -56,7 +56,7 @@ exists in either direction; memory is linear in T and S.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -99,7 +99,9 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
     """Shaw attention with implied ids clip(j - i - q_offset, +-max_distance) + max_distance, banded.
 
     Args:
-        q: queries [B, T, N, H], float32 or float64 on CPU.
+        q: queries [B, T, N, H] on CPU, float32, float64, bfloat16 or float16 (half inputs run
+            in float32: the fused kernel's per-key gradients in half precision would carry
+            their rounding into the table gradients, summed over every key of a tail).
         k: keys [B, S, N, H].
         v: values [B, S, N, H].
         args: the checked arguments of the call, in the Shaw form: tables ``rel_k`` / ``rel_v``
@@ -117,6 +119,9 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
             or args.max_distance is None:
         raise ValueError("the banded Shaw path takes max_distance, no mask or a key-padding mask, and no dropout")
     valid = None if args.mask is None else args.mask.reshape(-1, args.mask.shape[-1]).expand(B, S).contiguous()
+    if q.dtype in (torch.float16, torch.bfloat16):  # float32 compute, half storage; autograd casts the gradients
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        return shaw_attention(up(q), up(k), up(v), replace(args, rel_k=up(args.rel_k), rel_v=up(args.rel_v))).to(q.dtype)
     scale = args.scale
     if scale <= 0.0:  # torch's flash kernel scales its masked -inf logits: 0 * -inf is NaN, -1 * -inf is +inf
         q, scale = q * scale, 1.0
