@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-ATTN_INPUTS = ("q", "k", "v", "rel_k", "rel_v")
+ATTN_INPUTS = ("q", "k", "v", "rel_k", "rel_v", "rel_q", "rel_bias")
 
 
 class TorchBackend:

@@ -1,8 +1,12 @@
 """An independent float64 NumPy oracle, written straight from the equations.
 
-    e_ij = q_i . (k_j + a^K_ij) * scale
+    e_ij = (q_i . (k_j + a^K_ij) + k_j . a^Q_ij) * scale + b_ij[n]
     alpha_i = softmax_j(e_ij) over the keys visible to query i (all-zero if none)
     z_i = sum_j alpha_ij (v_j + a^V_ij)
+
+with a^Q_ij = rel_q[r_ij] and b_ij = rel_bias[r_ij] (tables indexed by the relation ids).
+The bucket functions (Shaw, T5, DeBERTa) are scalar transcriptions of the published formulas,
+one relative position at a time, with the logarithms in float32 as T5 and DeBERTa compute them.
 
 Clarity over speed: explicit loops over batch, head and query; relation tables are
 turned into dense per-example edge tensors first. Shares no code with the packages.
@@ -20,6 +24,65 @@ def shaw_ids(q_len: int, k_len: int, max_distance: int, q_offset: int = 0) -> np
         for j in range(k_len):
             ids[i, j] = min(max(j - (i + q_offset), -max_distance), max_distance) + max_distance
     return ids
+
+
+def t5_bucket(relative: int, num_buckets: int, max_distance: int, bidirectional: bool) -> int:
+    """T5's bucket of one relative position (key minus query), from mesh_tensorflow's definition."""
+    half, bucket = num_buckets, 0
+    if bidirectional:
+        half = num_buckets // 2
+        if relative > 0:
+            bucket = half
+        n = abs(relative)
+    else:
+        n = max(-relative, 0)
+    exact = half // 2
+    if n < exact:
+        return bucket + n
+    f32 = np.float32
+    x = np.log(f32(f32(n) / f32(exact))) / f32(np.log(max_distance / exact)) * f32(half - exact)
+    return bucket + min(exact + int(f32(x)), half - 1)
+
+
+def deberta_delta(delta: int, position_buckets: int, max_relative_positions: int) -> int:
+    """DeBERTa-v2's relative position (query minus key), log-bucketed when position_buckets > 0."""
+    mid = position_buckets // 2
+    if position_buckets <= 0 or abs(delta) <= mid:  # exact up to +-mid, log buckets beyond
+        return delta
+    f32 = np.float32
+    ratio = np.log(f32((max_relative_positions - 1) / mid))
+    x = f32(np.log(f32(f32(abs(delta)) / f32(mid))) / ratio * f32(mid - 1))
+    return int(np.sign(delta)) * (int(np.ceil(x)) + mid)
+
+
+def deberta_bucket(relative: int, position_buckets: int, max_relative_positions: int) -> int:
+    """DeBERTa-v2's row of rel_embeddings for one pair: its delta is query minus key = -relative."""
+    span = position_buckets if position_buckets > 0 else max_relative_positions
+    delta = deberta_delta(-relative, position_buckets, max_relative_positions)
+    return min(max(delta + span, 0), 2 * span - 1)
+
+
+def scheme_ids(bucket, q_len: int, k_len: int, q_offset: int = 0) -> np.ndarray:
+    """ids[i, j] = bucket(j - (i + q_offset)), by a double loop."""
+    ids = np.zeros((q_len, k_len), dtype=np.int64)
+    for i in range(q_len):
+        for j in range(k_len):
+            ids[i, j] = bucket(j - (i + q_offset))
+    return ids
+
+
+def dense_bias(rel_bias, B, T, S, N, rel_ids) -> np.ndarray | None:
+    """The bias table [R, N] at the ids as a dense [B, T, S, N] float64 array."""
+    if rel_bias is None:
+        return None
+    rel_bias, ids = np.asarray(rel_bias, np.float64), np.asarray(rel_ids)
+    out = np.zeros((B, T, S, N))
+    for b in range(B):
+        for i in range(T):
+            for j in range(S):
+                r = ids[i, j] if ids.ndim == 2 else ids[b if ids.shape[0] > 1 else 0, i, j]
+                out[b, i, j] = rel_bias[r]
+    return out
 
 
 def dense_edges(a, B, T, S, N, H, rel_ids=None) -> np.ndarray | None:
@@ -58,14 +121,19 @@ def visibility(B, N, T, S, mask=None, is_causal=False) -> np.ndarray:
     return vis
 
 
-def relative_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False, scale=None):
+def relative_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False, scale=None,
+                       rel_q=None, rel_bias=None, max_distance=None, q_offset=None):
     """Oracle of ``relative_attention``: q [B, T, N, H], k, v [B, S, N, H] -> [B, T, N, H]."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, T, N, H = q.shape
     S = k.shape[1]
+    if max_distance is not None:
+        rel_ids = shaw_ids(T, S, max_distance, S - T if q_offset is None else q_offset)
     scale = 1.0 / np.sqrt(H) if scale is None else scale
     ak = dense_edges(rel_k, B, T, S, N, H, rel_ids)
     av = dense_edges(rel_v, B, T, S, N, H, rel_ids)
+    aq = dense_edges(rel_q, B, T, S, N, H, rel_ids)
+    bias = dense_bias(rel_bias, B, T, S, N, rel_ids)
     vis = visibility(B, N, T, S, mask, is_causal)
     z = np.zeros((B, T, N, H))
     for b in range(B):
@@ -73,7 +141,12 @@ def relative_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=No
             for i in range(T):
                 keys = k[b, :, n, :] + (0 if ak is None else ak[b, i, :, n, :])  # [S, H]
                 vals = v[b, :, n, :] + (0 if av is None else av[b, i, :, n, :])  # [S, H]
-                e = keys @ q[b, i, n, :] * scale  # [S]
+                e = keys @ q[b, i, n, :]  # [S]
+                if aq is not None:
+                    e = e + (k[b, :, n, :] * aq[b, i, :, n, :]).sum(-1)  # k_j . a^Q_ij
+                e = e * scale
+                if bias is not None:
+                    e = e + bias[b, i, :, n]
                 seen = vis[b, n, i]
                 if not seen.any():
                     continue  # a query that sees nothing returns 0

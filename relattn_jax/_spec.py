@@ -147,9 +147,28 @@ def is_key_padding(mask_shape: Shape, T: int, N: int) -> bool:
     return (full[1] == 1 or N == 1) and (full[2] == 1 or T == 1)
 
 
-def check_rel_args(rel_k, rel_v, rel_ids) -> None:
-    if rel_ids is not None and rel_k is None and rel_v is None:
-        raise ValueError("rel_ids was given but both rel_k and rel_v are None; pass at least one relation table")
+def check_rel_args(rel_k, rel_v, rel_ids, rel_q=None, rel_bias=None) -> None:
+    if rel_ids is not None and rel_k is None and rel_v is None and rel_q is None and rel_bias is None:
+        raise ValueError("rel_ids was given but both rel_k and rel_v are None (and rel_q, rel_bias); "
+                         "pass at least one relation table")
+
+
+def check_query_terms(rel_q_shape, rel_bias_shape, has_ids: bool, d: Dims) -> None:
+    """rel_q [R, H] or [R, N, H] and rel_bias [R, N] are tables indexed by the relation ids.
+
+    Shapes are None for an absent term. They need ids: ``rel_ids`` or ``max_distance``
+    (``has_ids``); with dense edges there is no relation id to index them by.
+    """
+    for name, shape in (("rel_q", rel_q_shape), ("rel_bias", rel_bias_shape)):
+        if shape is not None and not has_ids:
+            raise ValueError(f"{name} is a relation table and needs relation ids: pass rel_ids or max_distance "
+                             f"(got neither; dense edges have no ids to index it by)")
+    if rel_q_shape is not None:
+        table_layout("rel_q", tuple(rel_q_shape), d)
+    if rel_bias_shape is not None:
+        shape = tuple(rel_bias_shape)
+        if len(shape) != 2 or shape[1] != d.N or shape[0] < 1:
+            raise ValueError(f"rel_bias (per-head bias table) must be [R, N] = [R, {d.N}], got shape {fmt(shape)}")
 
 
 def check_int(name: str, value, minimum: int = 1) -> None:
@@ -173,6 +192,49 @@ def check_max_distance(max_distance) -> None:
             f"max_distance must be an int in [0, {MAX_DISTANCE_LIMIT}] (its tables hold 2 * max_distance + 1 rows; "
             f"a distance past every sequence length clips nothing), got {max_distance!r}"
         )
+
+
+# --- bucket schemes (buckets.py) -----------------------------------------------------------------
+
+def check_shaw_buckets(max_distance) -> None:
+    check_max_distance(max_distance)
+
+
+def check_t5_buckets(num_buckets, max_distance, bidirectional) -> None:
+    """T5's buckets: exact distances below max_exact, log-spaced up to max_distance.
+
+    max_exact = num_buckets // 4 (bidirectional) or num_buckets // 2 (causal) must be >= 1, and
+    max_distance > max_exact (T5 divides by log(max_distance / max_exact)).
+    """
+    check_bool("bidirectional", bidirectional)
+    check_int("num_buckets", num_buckets)
+    check_int("max_distance", max_distance)
+    max_exact = num_buckets // 4 if bidirectional else num_buckets // 2
+    if max_exact < 1:
+        raise ValueError(f"num_buckets must be >= {4 if bidirectional else 2} "
+                         f"({'bidirectional' if bidirectional else 'causal'} T5 buckets), got {num_buckets}")
+    if max_distance <= max_exact or max_distance > MAX_DISTANCE_LIMIT:
+        raise ValueError(f"max_distance must be an int in ({max_exact}, {MAX_DISTANCE_LIMIT}] (greater than the "
+                         f"{max_exact} exact buckets for num_buckets={num_buckets}), got {max_distance!r}")
+
+
+def check_deberta_buckets(position_buckets, max_relative_positions) -> None:
+    """DeBERTa-v2's positions: log buckets when position_buckets > 0, else plain distances.
+
+    max_relative_positions is what DeBERTa's attention uses after resolving its -1 default
+    (config.max_position_embeddings); with log buckets it must exceed position_buckets // 2 + 1
+    (DeBERTa divides by log((max_relative_positions - 1) / (position_buckets // 2))).
+    """
+    check_int("position_buckets", position_buckets, minimum=0)
+    check_int("max_relative_positions", max_relative_positions)
+    if max_relative_positions > MAX_DISTANCE_LIMIT:
+        raise ValueError(f"max_relative_positions must be an int in [1, {MAX_DISTANCE_LIMIT}], "
+                         f"got {max_relative_positions!r}")
+    if position_buckets == 1:
+        raise ValueError("position_buckets must be 0 (no log buckets) or >= 2, got 1")
+    if position_buckets and max_relative_positions - 1 <= position_buckets // 2:
+        raise ValueError(f"max_relative_positions must be > position_buckets // 2 + 1 = {position_buckets // 2 + 1} "
+                         f"with log buckets (position_buckets={position_buckets}), got {max_relative_positions}")
 
 
 # --- scalar arguments -----------------------------------------------------------------------------
@@ -237,10 +299,12 @@ def check_heads(embed_dim: int, num_heads: int, head_dim) -> int:
     return head_dim
 
 
-def check_shaw(rel_k_shape, rel_v_shape, has_rel_ids: bool, max_distance, has_q_offset: bool, d: Dims) -> None:
+def check_shaw(rel_k_shape, rel_v_shape, has_rel_ids: bool, max_distance, has_q_offset: bool, d: Dims,
+               rel_q_shape=None, rel_bias_shape=None) -> None:
     """The Shaw form (``max_distance``): tables of 2 * max_distance + 1 rows, no rel_ids.
 
-    Shapes are None for an absent term. ``q_offset`` only makes sense with ``max_distance``.
+    Shapes are None for an absent term (rel_q and rel_bias are checked by ``check_query_terms``
+    first; here only their rows). ``q_offset`` only makes sense with ``max_distance``.
     """
     if max_distance is None:
         if has_q_offset:
@@ -249,11 +313,14 @@ def check_shaw(rel_k_shape, rel_v_shape, has_rel_ids: bool, max_distance, has_q_
     if has_rel_ids:
         raise ValueError("pass either rel_ids or max_distance (implied Shaw ids), not both")
     check_positions(d.T, d.S, max_distance)
-    if rel_k_shape is None and rel_v_shape is None:
-        raise ValueError("max_distance was given but both rel_k and rel_v are None; pass at least one relation table")
-    for name, shape in (("rel_k", rel_k_shape), ("rel_v", rel_v_shape)):
+    named = (("rel_k", rel_k_shape), ("rel_v", rel_v_shape), ("rel_q", rel_q_shape), ("rel_bias", rel_bias_shape))
+    if all(shape is None for _, shape in named):
+        raise ValueError("max_distance was given but both rel_k and rel_v are None (and rel_q, rel_bias); "
+                         "pass at least one relation table")
+    for name, shape in named:
         if shape is not None:
-            table_layout(name, tuple(shape), d)
+            if name in ("rel_k", "rel_v"):
+                table_layout(name, tuple(shape), d)
             if shape[0] != 2 * max_distance + 1:
                 raise ValueError(
                     f"{name} must have R = 2 * max_distance + 1 = {2 * max_distance + 1} rows for "

@@ -4,8 +4,9 @@ Dimension legend (shared with ``relattn_torch/attention.py``):
     B batch, T query length, S key length, N heads, H head dim,
     R relation ids, E model width, I input features per head.
 
-Equations (Shaw et al. 2018, relation-aware self-attention):
-    e_ij = q_i . (k_j + a^K_ij) * scale
+Equations (Shaw et al. 2018, relation-aware self-attention; the query-side term and the
+bias table of T5 / DeBERTa / BERT relative_key_query, with r_ij the relation id of the pair):
+    e_ij = (q_i . (k_j + a^K_ij) + k_j . a^Q[r_ij]) * scale + b[r_ij, n]
     alpha_i = softmax_j(e_ij) over the keys visible to query i
     z_i = sum_j alpha_ij (v_j + a^V_ij)
 """
@@ -35,6 +36,8 @@ def relative_attention(
     rel_v: jax.Array | None = None,
     *,
     rel_ids: jax.Array | None = None,
+    rel_q: jax.Array | None = None,
+    rel_bias: jax.Array | None = None,
     mask: jax.Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
@@ -58,6 +61,12 @@ def relative_attention(
         rel_ids: int relation ids [T, S] or [B, T, S] with values in [0, R); selects
             the table form, where a_ij = table[rel_ids[i, j]]. Checked on every eager
             call; under ``jax.jit`` see ``check_ids``.
+        rel_q: query-side relation table a^Q [R, H] or [R, N, H], or None: adds
+            scale * k_j . a^Q[r_ij] to the logits (BERT ``relative_key_query``'s key term,
+            DeBERTa's position-to-content term). Needs ids: ``rel_ids`` or ``max_distance``.
+        rel_bias: per-head scalar bias table b [R, N], or None: adds b[r_ij, n] to the logits
+            after the scale (T5's ``relative_attention_bias``; T5 passes scale=1.0). Needs ids.
+            With ``rel_q`` or ``rel_bias`` only the "einsum" and "blockwise" paths run.
         mask: bool, broadcastable to [B, N, T, S]; True means the query may attend the key.
             A masked entry changes no output and no gradient, whatever k, v, the edges or
             the table rows hold there (NaN and inf included); a query row that attends a
@@ -97,20 +106,22 @@ def relative_attention(
     Raises:
         TypeError / ValueError: naming the argument, for a wrong type, shape, dtype or value.
     """
-    q, k, v, rel_k, rel_v, rel_ids, mask = _arrays(q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids,
-                                                   mask=mask)
-    d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None)
-    _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d)
+    q, k, v, rel_k, rel_v, rel_ids, rel_q, rel_bias, mask = _arrays(
+        q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, rel_q=rel_q, rel_bias=rel_bias, mask=mask)
+    d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None, rel_q=rel_q, rel_bias=rel_bias)
+    _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d,
+                     _shape(rel_q), _shape(rel_bias))
     _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids)
     if dropout_p > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rng must be a PRNG key when dropout_p > 0")
     if max_distance is not None and q_offset is None:
         q_offset = d.S - d.T  # the queries are the last T key positions
     if isinstance(rel_ids, jax.core.Tracer):
-        rel_ids = _traced_ids(rel_ids, [t.shape[0] for t in (rel_k, rel_v) if t is not None], check_ids)
+        rel_ids = _traced_ids(rel_ids, [t.shape[0] for t in (rel_k, rel_v, rel_q, rel_bias) if t is not None],
+                              check_ids)
     args = AttentionArgs(rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
                          scale=_spec.default_scale(d.H) if scale is None else float(scale), dropout_p=float(dropout_p),
-                         max_distance=max_distance, q_offset=q_offset, dropout_rng=dropout_rng)
+                         max_distance=max_distance, q_offset=q_offset, rel_q=rel_q, rel_bias=rel_bias, dropout_rng=dropout_rng)
     name = choose_implementation(q, k, v, args, implementation).name
     k_run, v_run, run_args, found = finite_inputs(k, v, args)
     out = _run(name, q, k_run, v_run, run_args)
@@ -170,18 +181,20 @@ def _traced_ids(rel_ids: jax.Array, rows: list[int], check_ids: bool) -> jax.Arr
     return jnp.clip(rel_ids, 0, R - 1)
 
 
-def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False) -> _spec.Dims:
+def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bias=None) -> _spec.Dims:
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     named = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
-    named += [(n, t.dtype) for n, t in (("rel_k", rel_k), ("rel_v", rel_v)) if t is not None]
+    terms = (("rel_k", rel_k), ("rel_v", rel_v), ("rel_q", rel_q), ("rel_bias", rel_bias))
+    named += [(n, t.dtype) for n, t in terms if t is not None]
     _spec.check_float_dtypes(named, lambda dt: jnp.issubdtype(dt, jnp.floating))
-    _spec.check_rel_args(rel_k, rel_v, rel_ids)
+    _spec.check_rel_args(rel_k, rel_v, rel_ids, rel_q, rel_bias)
+    _spec.check_query_terms(_shape(rel_q), _shape(rel_bias), rel_ids is not None or shaw, d)
     if rel_ids is not None:
         if not jnp.issubdtype(rel_ids.dtype, jnp.integer):
             raise TypeError(f"rel_ids must be an integer array, got dtype {rel_ids.dtype}")
         _spec.check_rel_ids_shape(tuple(rel_ids.shape), d)
-        tables = [(n, t) for n, t in (("rel_k", rel_k), ("rel_v", rel_v)) if t is not None]
-        for name, table in tables:
+        tables = [(n, t) for n, t in terms if t is not None]
+        for name, table in [(n, t) for n, t in tables if n in ("rel_k", "rel_v")]:
             _spec.table_layout(name, tuple(table.shape), d)
         if not isinstance(rel_ids, jax.core.Tracer) and rel_ids.size:
             ids = np.asarray(rel_ids)

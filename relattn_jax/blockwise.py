@@ -2,10 +2,10 @@
 
 Why this twin differs: ``lax.map`` traces one block body, so every block must have the same
 shape: the rows are zero-padded to whole blocks and each block's rows are cut with
-``dynamic_slice``. In the Shaw form (without dropout) each block takes this package's Shaw
-path, which accepts the block's causal rows as a mask. The torch twin loops over blocks in
-Python, with a shorter last block, and every block takes the einsum path (its Shaw path
-takes no mask).
+``dynamic_slice``. In the Shaw form (without dropout, rel_q or rel_bias) each block takes this
+package's Shaw path, which accepts the block's causal rows as a mask. The torch twin loops over
+blocks in Python, with a shorter last block, and every block takes the einsum path (its Shaw
+path takes no mask).
 
 Dimension legend as in ``attention.py``: B T S N H R.
 
@@ -47,7 +47,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: Attentio
     bq = max(1, min(BLOCK_ROWS, T))
     nblk = -(-T // bq)
     padded = _Padded.of(q, args, nblk * bq)
-    path = shaw_attention if args.max_distance is not None and args.dropout_p == 0.0 else einsum_attention
+    shaw_form = args.max_distance is not None and args.dropout_p == 0.0 and args.rel_q is None and args.rel_bias is None
+    path = shaw_attention if shaw_form else einsum_attention
 
     def one_block(c):
         block_args = padded.rows(args, c * bq, bq, k.shape[1], T)

@@ -71,6 +71,7 @@ class _Case:
     dropout: bool = False
     max_distance: int | None = None
     q_offset: int | None = None  # the Shaw form's offset if a Python int; None for an array (traced or not)
+    query_terms: bool = False  # rel_q or rel_bias given: only the einsum and blockwise paths take them
 
     @property
     def logits(self) -> int:
@@ -93,6 +94,8 @@ class _Rule:
 def _fused_blocked(c: _Case) -> str | None:
     if c.form != "shaw":
         return "needs max_distance (the Shaw form)"
+    if c.query_terms:
+        return _NO_QUERY_TERMS
     if c.empty:
         return c.empty
     if c.dropout:
@@ -110,6 +113,9 @@ def _fused_wanted(c: _Case) -> str | None:
     return None  # the CPU choice: the interpreter runs the kernel only when asked for by name
 
 
+_NO_QUERY_TERMS = "needs rel_q=None and rel_bias=None (the einsum and blockwise paths take them)"
+
+
 def _shaw_blocked(c: _Case) -> str | None:
     if c.form != "shaw":
         return "needs max_distance (the Shaw form)"
@@ -117,6 +123,8 @@ def _shaw_blocked(c: _Case) -> str | None:
         return c.empty
     if c.dropout:
         return "needs dropout_p=0"
+    if c.query_terms:
+        return _NO_QUERY_TERMS
     return None
 
 
@@ -224,7 +232,8 @@ def _case(q, k, args: AttentionArgs) -> _Case:
                  form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
                  masked=args.mask is not None,
                  key_padding=args.mask is not None and _spec.is_key_padding(tuple(args.mask.shape), T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
-                 max_distance=args.max_distance, q_offset=q_offset)
+                 max_distance=args.max_distance, q_offset=q_offset,
+                 query_terms=args.rel_q is not None or args.rel_bias is not None)
 
 
 def _backend(x) -> str:

@@ -44,6 +44,8 @@ class AttentionArgs:
     max_distance: int | None = None
     q_offset: int | jax.Array | None = None
     dropout_rng: jax.Array | None = None
+    rel_q: jax.Array | None = None
+    rel_bias: jax.Array | None = None
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
@@ -72,8 +74,13 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionAr
     logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(acc), k.astype(acc))  # [B, N, T, S]
     if args.rel_k is not None:
         logits = logits + _key_term(q.astype(acc), args.rel_k.astype(acc), rel_ids, d)
+    if args.rel_q is not None:
+        logits = logits + _query_term(k.astype(acc), args.rel_q.astype(acc), rel_ids, d)
     visible = combine_masks(args.mask, causal_mask(d.T, d.S) if args.is_causal else None)
-    probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
+    if args.rel_bias is None:
+        probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
+    else:  # the bias comes after the scale (T5 passes scale=1.0)
+        probs = masked_softmax(logits * args.scale + _bias_term(args.rel_bias.astype(acc), rel_ids, d), visible, 1.0)
     if args.dropout_p > 0.0:
         keep = jax.random.bernoulli(args.dropout_rng, 1.0 - args.dropout_p, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - args.dropout_p), 0.0).astype(probs.dtype)
@@ -118,6 +125,19 @@ def _key_term(q, rel_k, rel_ids, d) -> jax.Array:
     layout = _spec.table_layout("rel_k", tuple(rel_k.shape), d)
     q_rel = jnp.einsum(f"BTNH,{layout}->BNTR", q, rel_k)  # [B, N, T, R]
     return jnp.take_along_axis(q_rel, _index(rel_ids, d), axis=-1)
+
+
+def _query_term(k, rel_q, rel_ids, d) -> jax.Array:
+    """k_j . a^Q[r_ij] as [B, N, T, S]: k . table per key and id, gathered along R at each (i, j)."""
+    layout = _spec.table_layout("rel_q", tuple(rel_q.shape), d)
+    k_rel = jnp.einsum(f"BSNH,{layout}->BNRS", k, rel_q)  # [B, N, R, S]
+    return jnp.take_along_axis(k_rel, _index(rel_ids, d), axis=-2)
+
+
+def _bias_term(rel_bias, rel_ids, d) -> jax.Array:
+    """b[r_ij, n] as [N, T, S] or [B, N, T, S]."""
+    taken = rel_bias.T[:, rel_ids]  # [N, T, S] or [N, B, T, S]
+    return taken if rel_ids.ndim == 2 else jnp.moveaxis(taken, 0, 1)
 
 
 def _value_term(probs, rel_v, rel_ids, d) -> jax.Array:

@@ -31,19 +31,20 @@ from .positions import relative_position_ids
 
 
 def finite_inputs(k: jax.Array, v: jax.Array, args: AttentionArgs):
-    """k, v and args with every non-finite element of k, v, rel_k, rel_v replaced by 0.
+    """k, v and args with every non-finite element of k, v, rel_k, rel_v, rel_q, rel_bias replaced by 0.
 
     Returns:
         (k, v, args, found): ``found`` is False when every input is known to be finite (the
         inputs are returned as they are), True otherwise.
     """
-    named = (k, v, args.rel_k, args.rel_v)
+    named = (k, v, args.rel_k, args.rel_v, args.rel_q, args.rel_bias)
     if not any(isinstance(t, jax.core.Tracer) for t in named) and jax.default_backend() == "cpu":
         with jax.ensure_compile_time_eval():  # concrete inputs inside a jit are checked now too
             if all(t is None or bool(jnp.isfinite(t).all()) for t in named):
                 return k, v, args, False
-    k, v, rel_k, rel_v = (None if t is None else jnp.where(jnp.isfinite(t), t, 0).astype(t.dtype) for t in named)
-    return k, v, replace(args, rel_k=rel_k, rel_v=rel_v), True
+    k, v, rel_k, rel_v, rel_q, rel_bias = (None if t is None else jnp.where(jnp.isfinite(t), t, 0).astype(t.dtype)
+                                           for t in named)
+    return k, v, replace(args, rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias), True
 
 
 def poison_rows(out: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
@@ -53,7 +54,7 @@ def poison_rows(out: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs)
     holds a non-finite value when k_j, v_j, the dense edges a_ij or the table rows of r_ij do.
     """
     B, T, N, _ = out.shape
-    tables = [t for t in (args.rel_k, args.rel_v) if t is not None]
+    tables = [t for t in (args.rel_k, args.rel_v, args.rel_q, args.rel_bias) if t is not None]
     any_bad = ~(jnp.isfinite(k).all() & jnp.isfinite(v).all())
     for t in tables:
         any_bad = any_bad | ~jnp.isfinite(t).all()
@@ -85,9 +86,10 @@ def _bad_relations(args: AttentionArgs, T, S) -> jax.Array:
     else:
         ids = args.rel_ids
     ids = ids[..., None, :, :]  # [1, T, S] or [B, 1, T, S]
-    for table in (args.rel_k, args.rel_v):
+    for table in (args.rel_k, args.rel_v, args.rel_q, args.rel_bias):
         if table is not None:
-            bad_row = ~jnp.isfinite(table).all(-1)  # [R] or [R, N]
+            bad_row = ~jnp.isfinite(table)
+            bad_row = bad_row if table is args.rel_bias else bad_row.all(-1)  # [R] or [R, N]
             bad_row = bad_row[None] if bad_row.ndim == 1 else bad_row.T  # [1 or N, R]
             taken = bad_row[:, jnp.clip(ids, 0, bad_row.shape[1] - 1)]  # [1 or N, (B,) 1, T, S]
             taken = taken[..., 0, :, :]  # [1 or N, (B,) T, S]

@@ -6,6 +6,7 @@ The twin of ``relattn_jax``: same names, same equations, same weight layout.
 from importlib import metadata as _metadata
 
 from .attention import masked_softmax, relative_attention
+from .buckets import DebertaBuckets, ShawBuckets, T5Buckets
 from .cache import KVCache
 from .choice import Choice, choose_implementation
 from .decoder import DecoderConfig, DecoderLM
@@ -18,6 +19,7 @@ from .weights import LoadResult, load_weights, save_weights
 
 __all__ = [
     "Choice",
+    "DebertaBuckets",
     "DecoderConfig",
     "DecoderLM",
     "LoadResult",
@@ -27,6 +29,8 @@ __all__ = [
     "KVCache",
     "RelationAwareAttention",
     "RelativeMultiHeadAttention",
+    "ShawBuckets",
+    "T5Buckets",
     "causal_mask",
     "choose_implementation",
     "combine_masks",

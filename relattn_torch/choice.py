@@ -70,6 +70,7 @@ class _Case:
     dropout: bool = False
     max_distance: int | None = None
     q_offset: int | None = None  # the Shaw form's offset if a Python int; None for a tensor
+    query_terms: bool = False  # rel_q or rel_bias given: only the einsum and blockwise paths take them
 
     @property
     def logits(self) -> int:
@@ -92,6 +93,8 @@ class _Rule:
 def _fused_blocked(c: _Case) -> str | None:
     if c.form != "shaw":
         return "needs max_distance (the Shaw form)"
+    if c.query_terms:
+        return _NO_QUERY_TERMS
     if c.empty:
         return c.empty
     if c.dropout:
@@ -107,6 +110,9 @@ def _fused_wanted(c: _Case) -> str | None:
     if c.device in ("cuda",):
         return "the Shaw form on CUDA tensors: the fused Triton kernel holds no [B, N, T, S] tensor"
     return None  # the CPU choice: the interpreter runs the kernel only when asked for by name
+
+
+_NO_QUERY_TERMS = "needs rel_q=None and rel_bias=None (the einsum and blockwise paths take them)"
 
 
 def _shaw_blocked(c: _Case) -> str | None:
@@ -126,6 +132,8 @@ def _shaw_blocked(c: _Case) -> str | None:
         return "needs an int q_offset (this package's banded path)"
     if c.is_causal and not c.q_offset + max(c.max_distance, 1) > c.S - c.T:
         return "needs, when causal, q_offset + max(max_distance, 1) > S - T"
+    if c.query_terms:
+        return _NO_QUERY_TERMS
     return shaw._MISSING  # None where this torch has the fused CPU kernel
 
 
@@ -231,7 +239,8 @@ def _case(q, k, args: AttentionArgs) -> _Case:
                  form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
                  masked=args.mask is not None,
                  key_padding=args.mask is not None and _spec.is_key_padding(tuple(args.mask.shape), T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
-                 max_distance=args.max_distance, q_offset=q_offset)
+                 max_distance=args.max_distance, q_offset=q_offset,
+                 query_terms=args.rel_q is not None or args.rel_bias is not None)
 
 
 def _form(args: AttentionArgs) -> str:

@@ -41,6 +41,8 @@ class AttentionArgs:
     dropout_p: float = 0.0
     max_distance: int | None = None
     q_offset: int | torch.Tensor | None = None
+    rel_q: torch.Tensor | None = None
+    rel_bias: torch.Tensor | None = None
 
 
 def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
@@ -69,8 +71,13 @@ def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: At
     logits = torch.einsum("BTNH,BSNH->BNTS", q.to(acc), k.to(acc))  # [B, N, T, S]
     if args.rel_k is not None:
         logits = logits + _key_term(q.to(acc), args.rel_k.to(acc), rel_ids, d)
+    if args.rel_q is not None:
+        logits = logits + _query_term(k.to(acc), args.rel_q.to(acc), rel_ids, d)
     visible = combine_masks(args.mask, causal_mask(d.T, d.S, device=q.device) if args.is_causal else None)
-    probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
+    if args.rel_bias is None:
+        probs = masked_softmax(logits, visible, args.scale)  # [B, N, T, S]
+    else:  # the bias comes after the scale (T5 passes scale=1.0)
+        probs = masked_softmax(logits * args.scale + _bias_term(args.rel_bias.to(acc), rel_ids, d), visible, 1.0)
     if args.dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=args.dropout_p, training=True)
     probs = probs.to(q.dtype)
@@ -114,6 +121,19 @@ def _key_term(q, rel_k, rel_ids, d) -> torch.Tensor:
     layout = _spec.table_layout("rel_k", tuple(rel_k.shape), d)
     q_rel = torch.einsum(f"BTNH,{layout}->BNTR", q, rel_k)  # [B, N, T, R]
     return torch.gather(q_rel, -1, _index(rel_ids, d))
+
+
+def _query_term(k, rel_q, rel_ids, d) -> torch.Tensor:
+    """k_j . a^Q[r_ij] as [B, N, T, S]: k . table per key and id, gathered along R at each (i, j)."""
+    layout = _spec.table_layout("rel_q", tuple(rel_q.shape), d)
+    k_rel = torch.einsum(f"BSNH,{layout}->BNRS", k, rel_q)  # [B, N, R, S]
+    return torch.gather(k_rel, -2, _index(rel_ids, d))
+
+
+def _bias_term(rel_bias, rel_ids, d) -> torch.Tensor:
+    """b[r_ij, n] as [N, T, S] or [B, N, T, S]."""
+    taken = rel_bias.T[:, rel_ids.long()]  # [N, T, S] or [N, B, T, S]
+    return taken if rel_ids.dim() == 2 else taken.movedim(0, 1)
 
 
 def _value_term(probs, rel_v, rel_ids, d) -> torch.Tensor:

@@ -32,18 +32,18 @@ _POISON_CHUNK = 1 << 22  # about B * N * rows * S booleans per chunk of ``poison
 
 
 def finite_inputs(k: torch.Tensor, v: torch.Tensor, args: AttentionArgs):
-    """k, v and args with every non-finite element of k, v, rel_k, rel_v replaced by 0.
+    """k, v and args with every non-finite element of k, v, rel_k, rel_v, rel_q, rel_bias replaced by 0.
 
     Returns:
         (k, v, args, found): ``found`` is False when every input is known to be finite (the
         inputs are returned as they are), True otherwise.
     """
-    named = (k, v, args.rel_k, args.rel_v)
+    named = (k, v, args.rel_k, args.rel_v, args.rel_q, args.rel_bias)
     if k.device.type == "cpu" and not torch.compiler.is_compiling():
         if all(t is None or bool(torch.isfinite(t).all()) for t in named):
             return k, v, args, False
-    k, v, rel_k, rel_v = (None if t is None else torch.where(torch.isfinite(t), t, 0) for t in named)
-    return k, v, replace(args, rel_k=rel_k, rel_v=rel_v), True
+    k, v, rel_k, rel_v, rel_q, rel_bias = (None if t is None else torch.where(torch.isfinite(t), t, 0) for t in named)
+    return k, v, replace(args, rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias), True
 
 
 def poison_rows(out: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
@@ -88,9 +88,10 @@ def _bad_relations(args: AttentionArgs, t0, t1, T, S, N, device) -> torch.Tensor
     else:
         ids = args.rel_ids[..., t0:t1, :]
     ids = ids.long().unsqueeze(-3)  # [1, rows, S] or [B, 1, rows, S]
-    for table in (args.rel_k, args.rel_v):
+    for table in (args.rel_k, args.rel_v, args.rel_q, args.rel_bias):
         if table is not None:
-            bad_row = ~torch.isfinite(table).all(-1)  # [R] or [R, N]
+            bad_row = ~torch.isfinite(table)
+            bad_row = bad_row if table is args.rel_bias else bad_row.all(-1)  # [R] or [R, N]
             bad_row = bad_row[None] if bad_row.dim() == 1 else bad_row.T  # [1 or N, R]
             bad = bad | _take_bad(bad_row, ids)
     return bad

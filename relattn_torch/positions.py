@@ -1,14 +1,16 @@
-"""Shaw-style clipped relative-position ids."""
+"""Shaw-style clipped relative-position ids (other bucket schemes through ``scheme=``, see ``buckets.py``)."""
 
 from __future__ import annotations
 
 import torch
 
 from . import _spec
+from .buckets import _Scheme
 
 
 def relative_position_ids(
-    q_len: int, k_len: int, max_distance: int, *, q_offset: int | torch.Tensor = 0, device=None
+    q_len: int, k_len: int, max_distance: int | None = None, *, q_offset: int | torch.Tensor = 0, device=None,
+    scheme=None,
 ) -> torch.Tensor:
     """Relation ids for relative positions, clipped at +-max_distance.
 
@@ -26,11 +28,25 @@ def relative_position_ids(
         max_distance: K >= 0, the clipping distance; the ids take R = 2K + 1 values.
         q_offset: position of query 0 among the keys (int or 0-d integer tensor).
         device: torch device of the result.
+        scheme: instead of ``max_distance``, a bucket scheme from ``buckets.py``
+            (``ShawBuckets``, ``T5Buckets``, ``DebertaBuckets``): returns ``scheme.ids(q_len,
+            k_len, q_offset)``, ids in [0, scheme.num_ids).
 
     Returns:
         int64 tensor [T, S] of ids in [0, 2K].
     """
+    if scheme is not None or max_distance is None:
+        return _scheme_ids(q_len, k_len, max_distance, scheme, q_offset, dict(device=device))
     _spec.check_positions(q_len, k_len, max_distance)
     i = torch.arange(q_len, device=device)[:, None] + q_offset
     j = torch.arange(k_len, device=device)[None, :]
     return (j - i).clamp(-max_distance, max_distance) + max_distance
+
+
+def _scheme_ids(q_len, k_len, max_distance, scheme, q_offset, kw):
+    if (scheme is None) == (max_distance is None):
+        raise ValueError("pass either max_distance (Shaw ids) or scheme= (a bucket scheme), not "
+                         f"{'both' if scheme is not None else 'neither'}")
+    if not isinstance(scheme, _Scheme):
+        raise TypeError(f"scheme must be ShawBuckets, T5Buckets or DebertaBuckets, got {type(scheme).__name__}")
+    return scheme.ids(q_len, k_len, q_offset, **kw)

@@ -1,0 +1,167 @@
+"""Relative-position bucket schemes: which relation id each (query, key) pair gets (JAX).
+
+Dimension legend as in ``attention.py``: T query length, S key length, R relation ids.
+
+Every scheme is a small frozen object with ``num_ids`` (R, the rows of its tables) and
+``ids(q_len, k_len, q_offset)`` -> int32 [T, S]. One sign convention throughout: the relative
+position of key j seen from query i is
+
+    relative[i, j] = j - (i + q_offset)        (key minus query; q_offset: query 0's key position)
+
+and ``bucket(relative)`` maps it to the row that the model's own table holds for that pair, so a
+checkpoint's table is used as it is, never reversed:
+
+- ``ShawBuckets(K)``: clip(relative, -K, K) + K (Shaw et al.; tensor2tensor).
+- ``T5Buckets``: T5's ``_relative_position_bucket(memory_position - query_position)``; T5's
+  relative position is key minus query too.
+- ``DebertaBuckets``: DeBERTa-v2 measures query minus key, so its bucket is taken of
+  -relative: clamp(make_log_bucket_position(-relative) + span, 0, 2 span - 1), the row its c2p
+  gather reads. Its p2c gather reads the same row for the pair (the log bucket is odd in its
+  argument), so ``rel_q`` uses the same ids.
+
+The float steps (T5's and DeBERTa's logarithms) run in float32 as those models compute them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from . import _spec
+
+__all__ = ["DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions"]
+
+
+def relative_positions(q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
+    """j - (i + q_offset) as int32 [q_len, k_len]: key position minus query position (q_offset may be traced)."""
+    _spec.check_int("q_len", q_len, minimum=0)
+    _spec.check_int("k_len", k_len, minimum=0)
+    i = jnp.arange(q_len, dtype=jnp.int32)[:, None] + jnp.asarray(q_offset, jnp.int32)
+    j = jnp.arange(k_len, dtype=jnp.int32)[None, :]
+    return j - i
+
+
+class _Scheme:
+    num_ids: int
+
+    def bucket(self, relative: jax.Array) -> jax.Array:  # pragma: no cover - each scheme defines it
+        raise NotImplementedError
+
+    def ids(self, q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
+        """Relation ids [q_len, k_len] (int32, values in [0, num_ids)) for queries at key positions
+        q_offset, q_offset + 1, ... and keys at 0, 1, ...
+
+        Args:
+            q_len: T, the number of queries.
+            k_len: S, the number of keys.
+            q_offset: position of query 0 among the keys (int or 0-d integer array, may be traced).
+        """
+        return self.bucket(relative_positions(q_len, k_len, q_offset))
+
+
+@dataclass(frozen=True)
+class ShawBuckets(_Scheme):
+    """Shaw's clipped distances: id = clip(relative, -max_distance, max_distance) + max_distance.
+
+    R = 2 * max_distance + 1. ``relative_position_ids(T, S, K)`` and ``max_distance=K`` are this scheme.
+    """
+
+    max_distance: int
+
+    def __post_init__(self):
+        _spec.check_shaw_buckets(self.max_distance)
+
+    @property
+    def num_ids(self) -> int:
+        return 2 * self.max_distance + 1
+
+    def bucket(self, relative: jax.Array) -> jax.Array:
+        """relative (key minus query, int tensor) -> ids in [0, 2K]."""
+        K = self.max_distance
+        return jnp.clip(relative, -K, K) + K
+
+
+@dataclass(frozen=True)
+class T5Buckets(_Scheme):
+    """T5's buckets, exactly as ``T5Attention._relative_position_bucket`` computes them.
+
+    With relative = key minus query (T5's memory_position - query_position):
+    bidirectional (encoder): n = |relative|, half = num_buckets // 2, offset half when relative > 0;
+    causal (decoder): n = max(-relative, 0), half = num_buckets, no offset. Then with
+    max_exact = half // 2: n itself when n < max_exact, else
+    min(max_exact + int(log(n / max_exact) / log(max_distance / max_exact) * (half - max_exact)), half - 1),
+    in float32. R = num_buckets (the rows of ``relative_attention_bias``).
+    """
+
+    num_buckets: int = 32
+    max_distance: int = 128
+    bidirectional: bool = True
+
+    def __post_init__(self):
+        _spec.check_t5_buckets(self.num_buckets, self.max_distance, self.bidirectional)
+
+    @property
+    def num_ids(self) -> int:
+        return self.num_buckets
+
+    def bucket(self, relative: jax.Array) -> jax.Array:
+        """relative (key minus query, int tensor) -> ids in [0, num_buckets)."""
+        half = self.num_buckets
+        out = jnp.zeros_like(relative)
+        if self.bidirectional:
+            half //= 2
+            out = out + (relative > 0).astype(relative.dtype) * half
+            n = jnp.abs(relative)
+        else:
+            n = -jnp.minimum(relative, 0)
+        max_exact = half // 2
+        scaled = jnp.log(n.astype(jnp.float32) / max_exact) / math.log(self.max_distance / max_exact) * (half - max_exact)
+        large = jnp.minimum(max_exact + scaled.astype(relative.dtype), half - 1)
+        return out + jnp.where(n < max_exact, n, large)
+
+
+@dataclass(frozen=True)
+class DebertaBuckets(_Scheme):
+    """DeBERTa-v2/v3's relative positions, exactly as its attention indexes ``rel_embeddings``.
+
+    DeBERTa's delta = query minus key = -relative. With position_buckets > 0 it is log-bucketed
+    (``make_log_bucket_position(delta, position_buckets, max_relative_positions)``, float32), and
+    span = position_buckets; with position_buckets = 0 (DeBERTa's -1) delta is used as it is and
+    span = max_relative_positions. id = clamp(delta + span, 0, 2 span - 1); R = 2 span, the rows
+    of ``rel_embeddings`` that the attention uses. ``max_relative_positions`` is the attention's
+    resolved value (config.max_position_embeddings when the config says -1).
+    """
+
+    position_buckets: int = 256
+    max_relative_positions: int = 512
+
+    def __post_init__(self):
+        _spec.check_deberta_buckets(self.position_buckets, self.max_relative_positions)
+
+    @property
+    def span(self) -> int:
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+
+    @property
+    def num_ids(self) -> int:
+        return 2 * self.span
+
+    def bucket(self, relative: jax.Array) -> jax.Array:
+        """relative (key minus query, int tensor) -> ids in [0, 2 span)."""
+        delta = -relative
+        if self.position_buckets > 0:
+            delta = _log_bucket(delta, self.position_buckets, self.max_relative_positions)
+        return jnp.clip(delta + self.span, 0, 2 * self.span - 1)
+
+
+def _log_bucket(delta: jax.Array, bucket_size: int, max_position: int) -> jax.Array:
+    """DeBERTa-v2's make_log_bucket_position, in float32, as an int array of delta's dtype."""
+    sign = jnp.sign(delta)
+    mid = bucket_size // 2
+    abs_pos = jnp.where((delta < mid) & (delta > -mid), mid - 1, jnp.abs(delta))
+    ratio = jnp.log(jnp.float32((max_position - 1) / mid))
+    log_pos = jnp.ceil(jnp.log(abs_pos.astype(jnp.float32) / mid) / ratio * (mid - 1)) + mid
+    return jnp.where(abs_pos <= mid, delta, (log_pos * sign).astype(delta.dtype))
