@@ -45,7 +45,9 @@ def relative_positions(q_len: int, k_len: int, q_offset: int | jax.Array = 0) ->
 
 
 class _Scheme:
-    num_ids: int
+    @property
+    def num_ids(self) -> int:  # pragma: no cover - each scheme defines it
+        raise NotImplementedError
 
     def bucket(self, relative: jax.Array) -> jax.Array:  # pragma: no cover - each scheme defines it
         raise NotImplementedError
