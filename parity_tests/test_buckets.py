@@ -453,3 +453,34 @@ def test_type_errors(bk):
     with pytest.raises(TypeError, match=r"rel_q must be a (torch.Tensor|jax.Array or numpy.ndarray) or None, got "
                                         r"builtins.list"):
         bk.lib.relative_attention(q, k, v, rel_ids=bk.array(ids), rel_q=[[0.0] * H])
+
+
+def test_traced_ids_are_clamped_to_the_bias_table_rows():
+    """Under jax.jit with check_ids=False an id past rel_bias's R rows reads row R - 1 (the rule of the
+    other tables); eager calls refuse it."""
+    j = backend("jax")
+    rng = np.random.default_rng(34)
+    q, k, v = (j.jnp.asarray(x) for x in qkv(rng, 1, 3, 4, 2, 3).values())
+    bias = j.jnp.asarray(rng.standard_normal((4, 2)))
+    ids = np.full((3, 4), 2)
+    ids[0, 0] = 9
+    f = j.jax.jit(lambda ids: j.lib.relative_attention(q, k, v, rel_ids=ids, rel_bias=bias))
+    clamped = ids.copy()
+    clamped[0, 0] = 3
+    assert_close(np.asarray(f(j.jnp.asarray(ids))),
+                 np.asarray(j.lib.relative_attention(q, k, v, rel_ids=j.jnp.asarray(clamped), rel_bias=bias)))
+    with pytest.raises(ValueError, match=r"rel_ids values must be in \[0, R\) = \[0, 4\) for rel_bias"):
+        j.lib.relative_attention(q, k, v, rel_ids=j.jnp.asarray(ids), rel_bias=bias)
+
+
+def test_half_precision_and_empty_sizes(bk):
+    rng = np.random.default_rng(35)
+    inputs = {**qkv(rng, 2, 5, 6, 2, 8), **_terms(rng, "kqvb", 4, 2, 8)}
+    ids = rng.integers(0, 4, (5, 6))
+    ref = oracle.relative_attention(**inputs, rel_ids=ids, scale=0.5)
+    got = bk.attention(inputs, dtype="bfloat16", rel_ids=ids, scale=0.5)
+    assert got.dtype == np.float32 and np.abs(got - ref).max() <= 3e-2 * max(1.0, np.abs(ref).max())
+    for B, T, S in [(0, 5, 6), (2, 0, 6), (2, 5, 0)]:
+        empty = {**qkv(rng, B, T, S, 2, 8), **_terms(rng, "qb", 4, 2, 8)}
+        out = bk.attention(empty, rel_ids=np.zeros((T, S), np.int64))
+        assert out.shape == (B, T, 2, 8) and not out.any()
