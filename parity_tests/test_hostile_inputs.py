@@ -371,3 +371,19 @@ def test_non_finite_values_behind_random_masks(data):
         assert np.isnan(out[rows]).all(), name
         if (~rows).any():
             assert_close(out[~rows], clean[~rows])
+
+
+def test_module_inputs_of_the_wrong_type_are_named(bk):
+    m = bk.module("RelativeMultiHeadAttention", 8, 2, max_distance=2)
+    x = np.zeros((2, 5, 8))
+    bad = x.tolist() if bk.name == "jax" else x  # torch: a NumPy array; jax: a list
+    kind = "jax.Array or numpy.ndarray" if bk.name == "jax" else "torch.Tensor"
+    with pytest.raises(TypeError, match=rf"^query must be a {kind}, got"):
+        m(bad)
+    with pytest.raises(TypeError, match=rf"^key must be a {kind}, got"):
+        m(bk.array(x), bad)
+    with pytest.raises(TypeError, match=rf"^mask must be a {kind}.* or None, got builtins.list"):
+        m(bk.array(x), mask=[[True] * 5] * 2)
+    r = bk.module("RelationAwareAttention", 2, 4)
+    with pytest.raises(TypeError, match=rf"^x must be a {kind}, got"):
+        r(np.zeros((2, 5, 2, 4)).tolist())

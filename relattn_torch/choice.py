@@ -238,9 +238,16 @@ def _case(q, k, args: AttentionArgs) -> _Case:
     return _Case(B=B, T=T, S=S, N=N, H=H, dtype=str(q.dtype).removeprefix("torch."), device=q.device.type,
                  form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
                  masked=args.mask is not None,
-                 key_padding=args.mask is not None and _spec.is_key_padding(tuple(args.mask.shape), T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
+                 key_padding=_key_padding(args.mask, T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
                  max_distance=args.max_distance, q_offset=q_offset,
                  query_terms=args.rel_q is not None or args.rel_bias is not None)
+
+
+def _key_padding(mask, T, N) -> bool:
+    """Whether the mask is a key-padding mask the banded path takes. Not under torch.compile: there its
+    masked band is refused by inductor's functionalization (a mutation through a skewed as_strided
+    view), so a compiled padded call takes the einsum path in one graph, as before masks reached it."""
+    return mask is not None and _spec.is_key_padding(tuple(mask.shape), T, N) and not torch.compiler.is_compiling()
 
 
 def _form(args: AttentionArgs) -> str:
