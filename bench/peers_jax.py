@@ -75,7 +75,44 @@ def seed1(X, W_Q, W_K, W_V, a_K, a_V):
     return jnp.einsum("bijh,bijhd->bihd", alpha, XW_V[:, None] + a_V)
 
 
-IMPLS = ["ours", "floor", "naive_shaw", "hf_relative_key", "ours_dense", "seed1"]
+def key_padding(B, S):
+    """[B, 1, 1, S] bool: example 0 unpadded, every other example with its last max(1, S // 8) keys padded."""
+    valid = jnp.ones((B, S), bool).at[1:, S - max(1, S // 8) :].set(False)
+    return valid[:, None, None, :]
+
+
+def ours_padded(q, k, v, rel_k, rel_v, *, K, causal):
+    mask = key_padding(q.shape[0], k.shape[1])
+    return relattn_jax.relative_attention(q, k, v, rel_k, rel_v, max_distance=K, is_causal=causal, mask=mask)
+
+
+def floor_padded(q, k, v, *, causal, **_):
+    return jax.nn.dot_product_attention(q, k, v, mask=key_padding(q.shape[0], k.shape[1]), is_causal=causal)
+
+
+def make_layer(impl, cfg, causal, mode):
+    """Our layer or nnx.MultiHeadAttention of the same width E = N * H on x [B, S, E], jitted with
+    the parameters' gradients in the backward."""
+    from flax import nnx
+
+    E, N, K, S = cfg["N"] * cfg["H"], cfg["N"], cfg["K"], cfg["S"]
+    if impl == "layer":
+        model = relattn_jax.RelativeMultiHeadAttention(E, N, max_distance=K, rngs=nnx.Rngs(0))
+        call = lambda m, x: m(x, is_causal=causal)  # noqa: E731
+    else:
+        model = nnx.MultiHeadAttention(num_heads=N, in_features=E, decode=False, rngs=nnx.Rngs(0))
+        mask = nnx.make_causal_mask(jnp.ones((1, S))) if causal else None
+        call = lambda m, x: m(x, mask=mask)  # noqa: E731
+    x = jax.random.normal(jax.random.PRNGKey(0), (cfg["B"], S, E))
+    if mode == "fwd":
+        run = nnx.jit(call)
+    else:
+        run = nnx.jit(nnx.grad(lambda m, x: call(m, x).sum(), argnums=(0, 1)))
+    return lambda: jax.block_until_ready(run(model, x))
+
+
+IMPLS = ["ours", "floor", "naive_shaw", "hf_relative_key", "ours_dense", "seed1",
+         "ours_padded", "floor_padded", "ours_bf16", "floor_bf16", "layer", "layer_floor"]
 
 
 def make(impl, cfg, mode, causal):
@@ -85,18 +122,24 @@ def make(impl, cfg, mode, causal):
             raise NotImplementedError("dense-edge rows are non-causal only")
         x = _inputs(cfg, dense=True)
         fn = ours_dense if impl == "ours_dense" else seed1
+    elif impl in ("layer", "layer_floor"):
+        return make_layer(impl, cfg, causal, mode)
     else:
         x = _inputs(cfg)
-        base = {"ours": ours, "floor": floor, "naive_shaw": naive_shaw, "hf_relative_key": hf_relative_key}[impl]
+        if impl.endswith("_bf16"):
+            x = {n: a.astype(jnp.bfloat16) for n, a in x.items()}
+            impl = impl.removesuffix("_bf16")
+        base = {"ours": ours, "floor": floor, "naive_shaw": naive_shaw, "hf_relative_key": hf_relative_key,
+                "ours_padded": ours_padded, "floor_padded": floor_padded}[impl]
         fn = lambda **a: base(**a, K=K, causal=causal)  # noqa: E731
-        if impl == "floor":
+        if impl in ("floor", "floor_padded"):
             x = {n: x[n] for n in ("q", "k", "v")}
         if impl == "hf_relative_key":
             x = {n: x[n] for n in ("q", "k", "v", "rel_k")}
     if mode == "fwd":
         run = jax.jit(lambda a: fn(**a))
     else:
-        run = jax.jit(jax.grad(lambda a: fn(**a).sum()))
+        run = jax.jit(jax.grad(lambda a: fn(**a).astype(jnp.float32).sum()))
 
     def step():
         return jax.block_until_ready(run(x))

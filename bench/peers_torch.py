@@ -122,7 +122,45 @@ def seed1(X, W_Q, W_K, W_V, a_K, a_V):
     return seed1_answer(X, W_Q, W_K, W_V, a_K, a_V)
 
 
-IMPLS = ["ours", "ours_compile", "floor", "naive_shaw", "hf_relative_key", "flex", "ours_dense", "seed1"]
+def key_padding(B, S, device=None):
+    """[B, 1, 1, S] bool: example 0 unpadded, every other example with its last max(1, S // 8) keys padded."""
+    valid = torch.ones(B, S, dtype=torch.bool, device=device)
+    valid[1:, S - max(1, S // 8) :] = False
+    return valid[:, None, None, :]
+
+
+def ours_padded(q, k, v, rel_k, rel_v, *, K, causal):
+    mask = key_padding(q.shape[0], k.shape[1], q.device)
+    return relattn_torch.relative_attention(q, k, v, rel_k, rel_v, max_distance=K, is_causal=causal, mask=mask)
+
+
+def floor_padded(q, k, v, rel_k=None, rel_v=None, *, K=None, causal):
+    T, S = q.shape[1], k.shape[1]
+    mask = key_padding(q.shape[0], S, q.device)
+    if causal:  # SDPA takes attn_mask or is_causal, not both
+        mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def make_layers(cfg, causal):
+    """Our layer and torch.nn.MultiheadAttention of the same width E = N * H, on x [B, S, E]."""
+    E, N, K, S = cfg["N"] * cfg["H"], cfg["N"], cfg["K"], cfg["S"]
+    ours_layer = relattn_torch.RelativeMultiHeadAttention(E, N, max_distance=K)
+    torch_layer = torch.nn.MultiheadAttention(E, N, batch_first=True)
+    causal_mask = torch.ones(S, S, dtype=torch.bool).triu(1) if causal else None  # True = masked, as MHA takes it
+
+    def layer(x):
+        return ours_layer(x, is_causal=causal)
+
+    def layer_floor(x):
+        return torch_layer(x, x, x, need_weights=False, attn_mask=causal_mask, is_causal=causal)[0]
+
+    return {"layer": (layer, ours_layer), "layer_floor": (layer_floor, torch_layer)}
+
+
+IMPLS = ["ours", "ours_compile", "floor", "naive_shaw", "hf_relative_key", "flex", "ours_dense", "seed1",
+         "ours_padded", "floor_padded", "ours_bf16", "floor_bf16", "layer", "layer_floor"]
 
 
 def make(impl, cfg, mode, causal):
@@ -133,15 +171,34 @@ def make(impl, cfg, mode, causal):
         x = _inputs(cfg, dense=True)
         fn = ours_dense if impl == "ours_dense" else seed1
         return _step(fn, x, mode, ["X", "W_Q", "W_K", "W_V", "a_K", "a_V"])
+    if impl in ("layer", "layer_floor"):
+        fn, module = make_layers(cfg, causal)[impl]
+        x = {"x": torch.randn(cfg["B"], cfg["S"], cfg["N"] * cfg["H"], generator=torch.Generator().manual_seed(0))}
+        step = _step(fn, x, mode, ["x"])
+        if mode == "fwd":
+            return step
+
+        def with_params():  # the parameters' gradients are part of a layer's backward
+            module.zero_grad(set_to_none=True)
+            return step()
+
+        return with_params
     x = _inputs(cfg)
     grads = ["q", "k", "v", "rel_k", "rel_v"]
     K = cfg["K"]
+    if impl.endswith("_bf16"):
+        x = {n: t.to(torch.bfloat16) for n, t in x.items()}
+        impl = impl.removesuffix("_bf16")
     if impl == "ours":
         fn = lambda **a: ours(**a, K=K, causal=causal)  # noqa: E731
     elif impl == "ours_compile":
         fn = torch.compile(lambda **a: ours(**a, K=K, causal=causal), dynamic=False)
     elif impl == "floor":
         fn, grads = (lambda q, k, v, **_: floor(q, k, v, causal=causal)), ["q", "k", "v"]
+    elif impl == "ours_padded":
+        fn = lambda **a: ours_padded(**a, K=K, causal=causal)  # noqa: E731
+    elif impl == "floor_padded":
+        fn, grads = (lambda q, k, v, **_: floor_padded(q, k, v, causal=causal)), ["q", "k", "v"]
     elif impl == "naive_shaw":
         fn = lambda **a: naive_shaw(**a, K=K, causal=causal)  # noqa: E731
     elif impl == "hf_relative_key":

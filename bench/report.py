@@ -8,6 +8,14 @@ from pathlib import Path
 
 COLORS = {"ours": "C0", "ours_compile": "C1", "floor": "C2", "naive_shaw": "C3", "hf_relative_key": "C4",
           "flex": "C5", "ours_dense": "C6", "seed1": "C7"}
+# The floor each contestant is timed against, in the same process; the others take "floor".
+FLOORS = {"ours_padded": "floor_padded", "ours_bf16": "floor_bf16", "layer": "layer_floor"}
+FLOOR_NAMES = {"floor", *FLOORS.values()}
+
+
+def _group(r):
+    """The process a row was timed in: framework, S, causal, mode, intra-op threads (0: the default)."""
+    return r["framework"], r["S"], r["causal"], r["mode"], r.get("threads", 0)
 
 
 def merge(dirs):
@@ -17,7 +25,7 @@ def merge(dirs):
         data = json.loads((Path(d) / "results.json").read_text())
         machine = data["machine"]
         for r in data["rows"]:
-            rows[(r["framework"], r["impl"], r["S"], r["causal"], r["mode"])] = {**r, "run": i}
+            rows[(r["impl"], *_group(r))] = {**r, "run": i}
     return list(rows.values()), machine
 
 
@@ -28,10 +36,11 @@ def ratios(rows):
     time ratio is given (the cell shows "(-)"), since the two were not timed side by side. Peak
     memory is measured in a process of its own anyway, so its ratio is given across runs.
     """
-    floor = {(r["framework"], r["S"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "floor"}
+    floors = {(r["impl"], *_group(r)): r for r in rows if r["impl"] in FLOOR_NAMES}
     for r in rows:
         r.pop("time_x", None), r.pop("mem_x", None)  # a merged run's results.json carries old ones
-        f = floor.get((r["framework"], r["S"], r["causal"], r["mode"]))
+        own = r["impl"] if r["impl"] in FLOOR_NAMES else FLOORS.get(r["impl"], "floor")  # a floor is its own
+        f = floors.get((own, *_group(r)))
         if f and "median_s" in r and "median_s" in f and r.get("run") == f.get("run"):
             r["time_x"] = r["median_s"] / f["median_s"]
         if f and r.get("peak_mib") and f.get("peak_mib"):
@@ -42,14 +51,16 @@ def ratios(rows):
 def markdown(rows, machine) -> str:
     rows = ratios(rows)
     lines = [f"Machine: {machine['platform']}, {machine['cpus']} CPUs, load average at the end {machine['load_avg']}.",
-             "Cells: median time in ms (x the floor in the same process); peak MiB (x the floor's) where measured.", ""]
-    groups = sorted({(r["framework"], r["mode"], r["causal"]) for r in rows})
-    for fw, mode, causal in groups:
-        sub = [r for r in rows if (r["framework"], r["mode"], r["causal"]) == (fw, mode, causal)]
+             "Cells: median time in ms (x the floor in the same process: `floor`, or for `ours_padded`, "
+             "`ours_bf16` and `layer` their own floor); peak MiB (x the floor's) where measured.", ""]
+    groups = sorted({(r["framework"], r["mode"], r["causal"], r.get("threads", 0)) for r in rows})
+    for fw, mode, causal, threads in groups:
+        sub = [r for r in rows if (r["framework"], r["mode"], r["causal"], r.get("threads", 0)) == (fw, mode, causal, threads)]
         impls = list(dict.fromkeys(r["impl"] for r in sub))
         sizes = sorted({r["S"] for r in sub})
         lines += [f"### {fw}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, "
-                  f"{'causal' if causal else 'non-causal'}", "", "| S | " + " | ".join(impls) + " |",
+                  f"{'causal' if causal else 'non-causal'}, {f'{threads} thread(s)' if threads else 'default threads'}",
+                  "", "| S | " + " | ".join(impls) + " |",
                   "|---" * (len(impls) + 1) + "|"]
         for S in sizes:
             cells = []
@@ -83,6 +94,8 @@ def plot(rows, path: Path, fw: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    one = min((r.get("threads", 0) for r in rows if r["framework"] == fw), default=0)  # a thread setting per plot
+    rows = [r for r in rows if r.get("threads", 0) == one]
     sub = [r for r in rows if r["framework"] == fw and r["mode"] == "fwdbwd" and not r["causal"]]
     sub = sub or [r for r in rows if r["framework"] == fw and not r["causal"]]
     for n in dict.fromkeys(r["impl"] for r in sub):

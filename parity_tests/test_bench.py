@@ -155,3 +155,53 @@ def test_long_sequence_check_runs_and_reports(fw, path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["framework"] == fw and out["S"] == 64 and out["path"] == path
     assert out["finite_grads"] is True and out["peak_rss_gib"] > 0
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_padded_bf16_and_layer_contestants(framework):
+    """The key-padding pair computes masked attention (ours with the Shaw tables, the floor without),
+    the bf16 pair runs in bfloat16, and one group with every new contestant runs through bench.case."""
+    pytest.importorskip(framework)
+    from bench import case
+
+    x = _inputs()
+    causal = True
+    if framework == "torch":
+        import torch
+
+        from bench import peers_torch as P
+
+        lib, xs = torch_lib(), {n: torch.from_numpy(a) for n, a in x.items()}
+        mask = P.key_padding(B, T)
+        as_np = lambda t: t.detach().numpy()  # noqa: E731
+    else:
+        import relattn_jax as lib
+
+        from bench import peers_jax as P
+
+        xs, mask = x, P.key_padding(B, T)
+        as_np = np.asarray
+    assert as_np(mask).shape == (B, 1, 1, T) and as_np(mask)[0].all() and not as_np(mask)[1, ..., -1].any()
+    ours = lib.relative_attention(**xs, max_distance=K, is_causal=causal, mask=mask, implementation="einsum")
+    assert_close(as_np(P.ours_padded(**xs, K=K, causal=causal)), as_np(ours))
+    plain = lib.relative_attention(xs["q"], xs["k"], xs["v"], is_causal=causal, mask=mask)
+    # jax.nn.dot_product_attention computes in float32 whatever the input dtype
+    np.testing.assert_allclose(as_np(P.floor_padded(xs["q"], xs["k"], xs["v"], causal=causal)), as_np(plain),
+                               atol=1e-6 if framework == "jax" else 1e-12)
+    impls = ["ours", "floor", "ours_padded", "floor_padded", "ours_bf16", "floor_bf16", "layer", "layer_floor"]
+    res = case.main(dict(framework=framework, case=dict(B=2, S=16, N=2, H=8, K=2, causal=causal, mode="fwdbwd"),
+                         impls=impls, repeats=1))
+    for n in impls:
+        assert res[n].get("median_s", 0) > 0, (n, res[n])
+
+
+def test_report_times_each_contestant_against_its_own_floor():
+    from bench import report
+
+    g = dict(framework="torch", S=256, causal=False, mode="fwdbwd", threads=1, run=0)
+    rows = [dict(g, impl=n, median_s=t) for n, t in (("floor", 1.0), ("ours", 2.0), ("floor_padded", 4.0),
+                                                     ("ours_padded", 6.0), ("layer_floor", 10.0), ("layer", 15.0))]
+    rows.append(dict(g, impl="ours", median_s=3.0, threads=0))  # another thread setting: no floor there
+    got = {(r["impl"], r["threads"]): r.get("time_x") for r in report.ratios(rows)}
+    assert got[("ours", 1)] == 2.0 and got[("ours_padded", 1)] == 1.5 and got[("layer", 1)] == 1.5
+    assert got[("floor_padded", 1)] == 1.0 and got[("ours", 0)] is None
