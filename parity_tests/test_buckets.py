@@ -405,11 +405,14 @@ def test_non_finite_bias_and_query_rows_behind_a_mask_have_no_say(bk):
     mask = np.array([True, True, True, False])  # id 3 only on the masked key
     ref = bk.attention(inputs, rel_ids=ids, mask=mask)
     bad = {**inputs, "rel_q": inputs["rel_q"].copy(), "rel_bias": inputs["rel_bias"].copy()}
-    bad["rel_q"][3] = np.nan
+    bad["rel_q"][3, 1, 2] = np.nan  # one element of head 1's row
+    assert np.array_equal(bk.attention(bad, rel_ids=ids, mask=mask), ref)
+    out = bk.attention(bad, rel_ids=ids)  # unmasked: every row attends id 3; only head 1 reads the NaN
+    assert np.isnan(out[:, :, 1]).all() and np.isfinite(out[:, :, 0]).all()
+    assert_close(out[:, :, 0], bk.attention(inputs, rel_ids=ids)[:, :, 0])
     bad["rel_bias"][3, 0] = np.inf
     assert np.array_equal(bk.attention(bad, rel_ids=ids, mask=mask), ref)
-    out = bk.attention(bad, rel_ids=ids)  # unmasked: every row attends id 3, head 0 and 1 via rel_q
-    assert np.isnan(out).all()
+    assert np.isnan(bk.attention(bad, rel_ids=ids)).all()
 
 
 B, T, S, N, H = 2, 3, 4, 2, 5

@@ -88,8 +88,8 @@ def _bad_relations(args: AttentionArgs, T, S) -> jax.Array:
     ids = ids[..., None, :, :]  # [1, T, S] or [B, 1, T, S]
     for table in (args.rel_k, args.rel_v, args.rel_q, args.rel_bias):
         if table is not None:
-            bad_row = ~jnp.isfinite(table)
-            bad_row = bad_row if table is args.rel_bias else bad_row.all(-1)  # [R] or [R, N]
+            finite = jnp.isfinite(table) if table is args.rel_bias else jnp.isfinite(table).all(-1)
+            bad_row = ~finite  # [R] or [R, N]
             bad_row = bad_row[None] if bad_row.ndim == 1 else bad_row.T  # [1 or N, R]
             taken = bad_row[:, jnp.clip(ids, 0, bad_row.shape[1] - 1)]  # [1 or N, (B,) 1, T, S]
             taken = taken[..., 0, :, :]  # [1 or N, (B,) T, S]

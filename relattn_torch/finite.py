@@ -90,8 +90,8 @@ def _bad_relations(args: AttentionArgs, t0, t1, T, S, N, device) -> torch.Tensor
     ids = ids.long().unsqueeze(-3)  # [1, rows, S] or [B, 1, rows, S]
     for table in (args.rel_k, args.rel_v, args.rel_q, args.rel_bias):
         if table is not None:
-            bad_row = ~torch.isfinite(table)
-            bad_row = bad_row if table is args.rel_bias else bad_row.all(-1)  # [R] or [R, N]
+            finite = torch.isfinite(table) if table is args.rel_bias else torch.isfinite(table).all(-1)
+            bad_row = ~finite  # [R] or [R, N]
             bad_row = bad_row[None] if bad_row.dim() == 1 else bad_row.T  # [1 or N, R]
             bad = bad | _take_bad(bad_row, ids)
     return bad
