@@ -487,3 +487,18 @@ def test_half_precision_and_empty_sizes(bk):
         empty = {**qkv(rng, B, T, S, 2, 8), **_terms(rng, "qb", 4, 2, 8)}
         out = bk.attention(empty, rel_ids=np.zeros((T, S), np.int64))
         assert out.shape == (B, T, 2, 8) and not out.any()
+
+
+def test_the_schemes_page_snippets_run():
+    """docs/relative-schemes.md's Python snippets run as written and give [B, T, N, H]."""
+    pytest.importorskip("torch")
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "relative-schemes.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(snippets) == 3
+    for code in snippets:
+        scope: dict = {}
+        exec(compile(code, "relative-schemes.md", "exec"), scope)
+        assert tuple(scope["z"].shape) == (2, 10, 4, 16) and bool(scope["z"].isfinite().all())
