@@ -62,6 +62,13 @@ def deberta_bucket(relative: int, position_buckets: int, max_relative_positions:
     return min(max(delta + span, 0), 2 * span - 1)
 
 
+def bert_bucket(relative: int, max_position_embeddings: int) -> int:
+    """BERT relative_key(_query)'s row of distance_embedding: distance = query - key = -relative, row
+    distance + P - 1 (clipped to the 2P - 1 rows)."""
+    row = -relative + max_position_embeddings - 1
+    return min(max(row, 0), 2 * max_position_embeddings - 2)
+
+
 def scheme_ids(bucket, q_len: int, k_len: int, q_offset: int = 0) -> np.ndarray:
     """ids[i, j] = bucket(j - (i + q_offset)), by a double loop."""
     ids = np.zeros((q_len, k_len), dtype=np.int64)

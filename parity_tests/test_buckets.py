@@ -28,6 +28,7 @@ SCHEMES = {  # name -> (constructor arguments, oracle bucket of one relative pos
                      lambda r: oracle.deberta_bucket(r, 8, 40)),
     "deberta-plain-6": ("DebertaBuckets", dict(position_buckets=0, max_relative_positions=6),
                         lambda r: oracle.deberta_bucket(r, 0, 6)),
+    "bert-8": ("BertBuckets", dict(max_position_embeddings=8), lambda r: oracle.bert_bucket(r, 8)),
 }
 
 
@@ -89,7 +90,7 @@ def test_num_ids():
         lib = backend(fw).lib
         assert lib.T5Buckets(32, 128).num_ids == 32 and lib.T5Buckets(9, 20).num_ids == 9
         assert lib.DebertaBuckets(256, 512).num_ids == 512 and lib.DebertaBuckets(0, 6).num_ids == 12
-        assert lib.ShawBuckets(0).num_ids == 1
+        assert lib.ShawBuckets(0).num_ids == 1 and lib.BertBuckets(512).num_ids == 1023
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -137,6 +138,7 @@ def test_scheme_ids_match_transformers():
      r"max_relative_positions must be > position_buckets // 2 \+ 1 = 129"),
     ("DebertaBuckets", dict(max_relative_positions=0), r"max_relative_positions must be a positive int, got 0"),
     ("ShawBuckets", dict(max_distance=-1), r"max_distance must be a non-negative int, got -1"),
+    ("BertBuckets", dict(max_position_embeddings=0), r"max_position_embeddings must be a positive int, got 0"),
 ])
 def test_scheme_argument_errors(bk, cls, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -150,7 +152,7 @@ def test_scheme_type_errors(bk):
         bk.lib.relative_position_ids(3, 3, 2, scheme=bk.lib.ShawBuckets(2))
     with pytest.raises(ValueError, match=r"not neither"):
         bk.lib.relative_position_ids(3, 3)
-    with pytest.raises(TypeError, match=r"scheme must be ShawBuckets, T5Buckets or DebertaBuckets, got int"):
+    with pytest.raises(TypeError, match=r"scheme must be ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, got int"):
         bk.lib.relative_position_ids(3, 3, scheme=4)
 
 
@@ -355,7 +357,7 @@ def test_t5_bias_as_t5_computes_it(bk):
 
 def test_bert_relative_key_query_on_mirrored_shaw_rows(bk):
     """BERT relative_key_query: (q.k + q.a[i - j + P - 1] + k.a[i - j + P - 1]) / sqrt(H), transcribed;
-    equal to the Shaw form with K = P - 1 on the table's rows mirrored (docs/relative-schemes.md)."""
+    equal to BertBuckets' ids on BERT's table, and to the Shaw form (K = P - 1) on its rows mirrored."""
     rng = np.random.default_rng(33)
     B, T, N, H, P = 2, 6, 2, 3, 8
     q, k, v = (rng.standard_normal((B, T, N, H)) for _ in range(3))
@@ -365,9 +367,12 @@ def test_bert_relative_key_query_on_mirrored_shaw_rows(bk):
               + np.einsum("bjnh,ijh->bnij", k, a)) / np.sqrt(H)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bnij,bjnh->binh", p, v)
+    ids = bk.numpy(bk.lib.BertBuckets(P).ids(T, T))  # BERT's own rows: its table as it is
+    assert_close(bk.attention({"q": q, "k": k, "v": v, "rel_k": emb, "rel_q": emb}, rel_ids=ids), want)
     table = emb[::-1].copy()
     got = bk.attention({"q": q, "k": k, "v": v, "rel_k": table, "rel_q": table}, max_distance=P - 1)
-    assert_close(got, np.einsum("bnij,bjnh->binh", p, v))
+    assert_close(got, want)
     unmirrored = bk.attention({"q": q, "k": k, "v": v, "rel_k": emb, "rel_q": emb}, max_distance=P - 1)
     assert np.abs(unmirrored - got).max() > 1e-3  # negative control: the rows' order matters
 

@@ -12,6 +12,8 @@ and ``bucket(relative)`` maps it to the row that the model's own table holds for
 checkpoint's table is used as it is, never reversed:
 
 - ``ShawBuckets(K)``: clip(relative, -K, K) + K (Shaw et al.; tensor2tensor).
+- ``BertBuckets(P)``: BERT's ``relative_key(_query)`` measures query minus key and reads row
+  -relative + P - 1 of its ``distance_embedding`` (Shaw's rows mirrored).
 - ``T5Buckets``: T5's ``_relative_position_bucket(memory_position - query_position)``; T5's
   relative position is key minus query too.
 - ``DebertaBuckets``: DeBERTa-v2 measures query minus key, so its bucket is taken of
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 
 from . import _spec
 
-__all__ = ["DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions"]
+__all__ = ["BertBuckets", "DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions"]
 
 
 def relative_positions(q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
@@ -84,6 +86,31 @@ class ShawBuckets(_Scheme):
         """relative (key minus query, int tensor) -> ids in [0, 2K]."""
         K = self.max_distance
         return jnp.clip(relative, -K, K) + K
+
+
+@dataclass(frozen=True)
+class BertBuckets(_Scheme):
+    """BERT's ``relative_key`` / ``relative_key_query`` rows of ``distance_embedding``.
+
+    BERT's distance is query minus key (-relative) and its row is distance + P - 1, with
+    P = max_position_embeddings: id = clip(-relative, -(P - 1), P - 1) + P - 1 (BERT itself has
+    no row beyond +-(P - 1); here such pairs read the last one). R = 2 P - 1. These are the rows
+    of ``ShawBuckets(P - 1)`` mirrored (id = 2 (P - 1) - Shaw id), so BERT's table is used as it is.
+    """
+
+    max_position_embeddings: int = 512
+
+    def __post_init__(self):
+        _spec.check_bert_buckets(self.max_position_embeddings)
+
+    @property
+    def num_ids(self) -> int:
+        return 2 * self.max_position_embeddings - 1
+
+    def bucket(self, relative: jax.Array) -> jax.Array:
+        """relative (key minus query, int array) -> ids in [0, 2 P - 1)."""
+        K = self.max_position_embeddings - 1
+        return K - jnp.clip(relative, -K, K)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ The twin of ``relattn_jax``: same names, same equations, same weight layout.
 from importlib import metadata as _metadata
 
 from .attention import masked_softmax, relative_attention
-from .buckets import DebertaBuckets, ShawBuckets, T5Buckets
+from .buckets import BertBuckets, DebertaBuckets, ShawBuckets, T5Buckets
 from .cache import KVCache
 from .choice import Choice, choose_implementation
 from .decoder import DecoderConfig, DecoderLM
@@ -18,6 +18,7 @@ from .interop import from_torch_mha
 from .weights import LoadResult, load_weights, save_weights
 
 __all__ = [
+    "BertBuckets",
     "Choice",
     "DebertaBuckets",
     "DecoderConfig",

@@ -218,6 +218,14 @@ def check_t5_buckets(num_buckets, max_distance, bidirectional) -> None:
                          f"{max_exact} exact buckets for num_buckets={num_buckets}), got {max_distance!r}")
 
 
+def check_bert_buckets(max_position_embeddings) -> None:
+    """BERT's distance_embedding has 2 * max_position_embeddings - 1 rows."""
+    check_int("max_position_embeddings", max_position_embeddings)
+    if max_position_embeddings > MAX_DISTANCE_LIMIT:
+        raise ValueError(f"max_position_embeddings must be an int in [1, {MAX_DISTANCE_LIMIT}], "
+                         f"got {max_position_embeddings!r}")
+
+
 def check_deberta_buckets(position_buckets, max_relative_positions) -> None:
     """DeBERTa-v2's positions: log buckets when position_buckets > 0, else plain distances.
 

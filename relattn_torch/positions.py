@@ -29,8 +29,8 @@ def relative_position_ids(
         q_offset: position of query 0 among the keys (int or 0-d integer tensor).
         device: torch device of the result.
         scheme: instead of ``max_distance``, a bucket scheme from ``buckets.py``
-            (``ShawBuckets``, ``T5Buckets``, ``DebertaBuckets``): returns ``scheme.ids(q_len,
-            k_len, q_offset)``, ids in [0, scheme.num_ids).
+            (``ShawBuckets``, ``T5Buckets``, ``DebertaBuckets``, ``BertBuckets``): returns
+            ``scheme.ids(q_len, k_len, q_offset)``, ids in [0, scheme.num_ids).
 
     Returns:
         int64 tensor [T, S] of ids in [0, 2K].
@@ -48,5 +48,6 @@ def _scheme_ids(q_len, k_len, max_distance, scheme, q_offset, kw):
         raise ValueError("pass either max_distance (Shaw ids) or scheme= (a bucket scheme), not "
                          f"{'both' if scheme is not None else 'neither'}")
     if not isinstance(scheme, _Scheme):
-        raise TypeError(f"scheme must be ShawBuckets, T5Buckets or DebertaBuckets, got {type(scheme).__name__}")
+        raise TypeError("scheme must be ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
+                        f"got {type(scheme).__name__}")
     return scheme.ids(q_len, k_len, q_offset, **kw)
