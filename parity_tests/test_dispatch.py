@@ -21,7 +21,8 @@ K = 2  # max_distance of the Shaw rows
 H = 64  # head dim of every row
 CPU_KERNEL = "the fused kernel needs an accelerator here"  # stand-in for fused.unavailable on CPU
 SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
-    "small": (2, 64, 64, 4),
+    "tiny": (2, 64, 64, 4),
+    "small": (2, 512, 512, 8),
     "below": (1, 4096, 4095, 8),
     "at": (1, 4096, 4096, 8),
 }
@@ -40,6 +41,8 @@ SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
 TABLE = """
 form   mask  causal  dropout  dtype     device  size   q_offset | torch      jax
 shaw   -     -       -        float32   cpu     small  default  | shaw       shaw
+shaw   -     -       -        float32   cpu     tiny   default  | einsum     shaw
+shaw   -     causal  -        float32   cpu     tiny   default  | einsum     shaw
 shaw   -     -       -        float64   cpu     small  default  | shaw       shaw
 shaw   -     -       -        bfloat16  cpu     small  default  | shaw       shaw
 shaw   -     -       -        float16   cpu     small  default  | shaw       shaw
@@ -158,6 +161,34 @@ def test_rule_table_matches_the_literal_table(row, fw):
     got = choice._choose(row.case(choice, fw))
     assert got.name == row.expected[fw], got
     assert got.reason and "\n" not in got.reason
+
+
+def test_torch_banded_path_from_the_measured_crossover():
+    """Below SHAW_MIN_LOGITS (by backward, causal) "auto" takes the einsum path, which is faster there;
+    a call that will be differentiated has the higher crossover. On real arrays too (requires_grad)."""
+    torch = pytest.importorskip("torch")
+    choice = _choice("torch")
+    assert choice.SHAW_MIN_LOGITS == {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19,
+                                      (True, False): 2**22}
+
+    def pick(S, causal, backward):
+        case = choice._Case(B=2, T=S, S=S, N=8, H=64, dtype="float32", device="cpu", form="shaw", kernel=CPU_KERNEL,
+                            is_causal=causal, max_distance=16, q_offset=0, backward=backward)
+        return choice._choose(case).name
+
+    assert [pick(S, False, False) for S in (128, 192)] == ["einsum", "shaw"]  # 2**18, 2**19.2
+    assert [pick(S, False, True) for S in (384, 512)] == ["einsum", "shaw"]  # 2**21.2, 2**22
+    assert [pick(S, True, False) for S in (64, 128)] == ["einsum", "shaw"]  # 2**16, 2**18
+    assert [pick(S, True, True) for S in (128, 192)] == ["einsum", "shaw"]
+    from relattn_torch import choose_implementation
+    from relattn_torch.einsum import AttentionArgs
+
+    q = torch.zeros(2, 384, 8, 1)
+    args = AttentionArgs(rel_k=torch.zeros(5, 1), max_distance=2, q_offset=0)
+    assert choose_implementation(q, q, q, args).name == "shaw"
+    assert choose_implementation(q.clone().requires_grad_(), q, q, args).name == "einsum"
+    with torch.no_grad():
+        assert choose_implementation(q.clone().requires_grad_(), q, q, args).name == "shaw"
 
 
 def test_both_packages_try_the_same_rules_in_the_same_order():

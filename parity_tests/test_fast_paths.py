@@ -187,6 +187,9 @@ def test_torch_auto_picks_banded_shaw_path(monkeypatch):
     pytest.importorskip("torch")
     import relattn_torch.attention as attention
 
+    import relattn_torch.choice as choice
+
+    monkeypatch.setattr(choice, "SHAW_MIN_LOGITS", dict.fromkeys(choice.SHAW_MIN_LOGITS, 0))  # any size
     be = backend("torch")
     calls = []
     real = attention.shaw_attention

@@ -34,6 +34,11 @@ from .einsum import AttentionArgs
 # "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
 # (2**27 float32 logits = 512 MiB per [B, N, T, S] tensor).
 LONG_SEQUENCE_THRESHOLD = 2**27
+# "auto" takes the banded Shaw path from these B * N * T * S on, by (backward, causal); below, the
+# einsum path is faster. Measured crossovers (B N H K = 2 8 64 16, 1 and 2 threads, interleaved,
+# 2026-12-02; docs/implementations.md): forward S ~ 100 causal / 180 non-causal, forward +
+# backward S ~ 170 causal / 560 non-causal.
+SHAW_MIN_LOGITS = {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19, (True, False): 2**22}
 # The widest head the fused kernels launch (their tile configurations stop there).
 FUSED_MAX_HEAD_DIM = 256
 _ALIASES = {"reference": "einsum"}  # deprecated name -> path
@@ -70,7 +75,8 @@ class _Case:
     dropout: bool = False
     max_distance: int | None = None
     q_offset: int | None = None  # the Shaw form's offset if a Python int; None for a tensor
-    query_terms: bool = False  # rel_q or rel_bias given: only the einsum and blockwise paths take them
+    query_terms: bool = False
+    backward: bool = False  # a gradient will be taken (torch: grad mode on and an input requires grad)  # rel_q or rel_bias given: only the einsum and blockwise paths take them
 
     @property
     def logits(self) -> int:
@@ -138,6 +144,8 @@ def _shaw_blocked(c: _Case) -> str | None:
 
 
 def _shaw_wanted(c: _Case) -> str | None:
+    if c.logits < SHAW_MIN_LOGITS[(c.backward, c.is_causal)]:
+        return None  # below the measured crossover the einsum path is faster
     return "the Shaw form on CPU: the banded path never holds [B, N, T, S] logits"
 
 
@@ -240,7 +248,9 @@ def _case(q, k, args: AttentionArgs) -> _Case:
                  masked=args.mask is not None,
                  key_padding=_key_padding(args.mask, T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
                  max_distance=args.max_distance, q_offset=q_offset,
-                 query_terms=args.rel_q is not None or args.rel_bias is not None)
+                 query_terms=args.rel_q is not None or args.rel_bias is not None,
+                 backward=torch.is_grad_enabled() and any(
+                     t is not None and t.requires_grad for t in (q, k, args.rel_k, args.rel_v)))
 
 
 def _key_padding(mask, T, N) -> bool:
