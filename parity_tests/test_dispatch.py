@@ -164,11 +164,11 @@ def test_rule_table_matches_the_literal_table(row, fw):
 
 
 def test_torch_banded_path_from_the_measured_crossover():
-    """Below SHAW_MIN_LOGITS (by backward, causal) "auto" takes the einsum path, which is faster there;
+    """Below _SHAW_MIN_LOGITS (by backward, causal) "auto" takes the einsum path, which is faster there;
     a call that will be differentiated has the higher crossover. On real arrays too (requires_grad)."""
     torch = pytest.importorskip("torch")
     choice = _choice("torch")
-    assert choice.SHAW_MIN_LOGITS == {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19,
+    assert choice._SHAW_MIN_LOGITS == {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19,
                                       (True, False): 2**22}
 
     def pick(S, causal, backward):

@@ -189,7 +189,7 @@ def test_torch_auto_picks_banded_shaw_path(monkeypatch):
 
     import relattn_torch.choice as choice
 
-    monkeypatch.setattr(choice, "SHAW_MIN_LOGITS", dict.fromkeys(choice.SHAW_MIN_LOGITS, 0))  # any size
+    monkeypatch.setattr(choice, "_SHAW_MIN_LOGITS", dict.fromkeys(choice._SHAW_MIN_LOGITS, 0))  # any size
     be = backend("torch")
     calls = []
     real = attention.shaw_attention

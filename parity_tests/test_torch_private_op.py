@@ -75,7 +75,7 @@ def _shaw_case(T=6, S=6):
 
 def test_auto_takes_the_banded_path_when_the_op_is_there():
     assert shaw._MISSING is None, shaw._MISSING  # torch 2.13 has the op: this test suite runs the path
-    # T = S = 1024: above the crossover (choice.SHAW_MIN_LOGITS) where "auto" prefers the banded path
+    # T = S = 1024: above the crossover (choice._SHAW_MIN_LOGITS) where "auto" prefers the banded path
     assert relattn_torch.choose_implementation(*_shaw_case(1024, 1024)).name == "shaw"
 
 

@@ -71,8 +71,8 @@ class _Case:
     dropout: bool = False
     max_distance: int | None = None
     q_offset: int | None = None  # the Shaw form's offset if a Python int; None for an array (traced or not)
-    query_terms: bool = False
-    backward: bool = False  # a gradient will be taken (torch: grad mode on and an input requires grad)  # rel_q or rel_bias given: only the einsum and blockwise paths take them
+    query_terms: bool = False  # rel_q or rel_bias given: only the einsum and blockwise paths take them
+    backward: bool = False  # a gradient will be taken (the torch twin's banded-path crossover; unused here)
 
     @property
     def logits(self) -> int:

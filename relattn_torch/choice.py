@@ -38,7 +38,7 @@ LONG_SEQUENCE_THRESHOLD = 2**27
 # einsum path is faster. Measured crossovers (B N H K = 2 8 64 16, 1 and 2 threads, interleaved,
 # 2026-12-02; docs/implementations.md): forward S ~ 100 causal / 180 non-causal, forward +
 # backward S ~ 170 causal / 560 non-causal.
-SHAW_MIN_LOGITS = {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19, (True, False): 2**22}
+_SHAW_MIN_LOGITS = {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19, (True, False): 2**22}
 # The widest head the fused kernels launch (their tile configurations stop there).
 FUSED_MAX_HEAD_DIM = 256
 _ALIASES = {"reference": "einsum"}  # deprecated name -> path
@@ -75,8 +75,8 @@ class _Case:
     dropout: bool = False
     max_distance: int | None = None
     q_offset: int | None = None  # the Shaw form's offset if a Python int; None for a tensor
-    query_terms: bool = False
-    backward: bool = False  # a gradient will be taken (torch: grad mode on and an input requires grad)  # rel_q or rel_bias given: only the einsum and blockwise paths take them
+    query_terms: bool = False  # rel_q or rel_bias given: only the einsum and blockwise paths take them
+    backward: bool = False  # a gradient will be taken: grad mode on and q, k or a table requiring grad
 
     @property
     def logits(self) -> int:
@@ -144,7 +144,7 @@ def _shaw_blocked(c: _Case) -> str | None:
 
 
 def _shaw_wanted(c: _Case) -> str | None:
-    if c.logits < SHAW_MIN_LOGITS[(c.backward, c.is_causal)]:
+    if c.logits < _SHAW_MIN_LOGITS[(c.backward, c.is_causal)]:
         return None  # below the measured crossover the einsum path is faster
     return "the Shaw form on CPU: the banded path never holds [B, N, T, S] logits"
 
