@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
+import jax.export  # noqa: E402,F401 (jax 0.7.1, the declared floor, does not load it with jax)
 import jax.numpy as jnp  # noqa: E402
 
 from relattn_jax import causal_mask, fused, padding_mask, relative_attention  # noqa: E402
