@@ -406,6 +406,20 @@ def test_unavailable_on_cpu(monkeypatch):
     assert fused.unavailable(q) is None
 
 
+def test_unavailable_on_tpu_below_the_checked_jax(monkeypatch):
+    """The TPU lowering was checked at jax 0.10.2 and fails at 0.7.1: older jax gets a reason, not a crash."""
+    monkeypatch.delenv(fused._INTERPRET_ENV, raising=False)
+    monkeypatch.setattr(fused, "_platform", lambda q=None: "tpu")
+    monkeypatch.setattr(jax, "__version_info__", (0, 7, 1))
+    reason = fused.unavailable()
+    assert reason is not None and "jax >= 0.10" in reason
+    monkeypatch.setattr(jax, "__version_info__", (0, 10, 2))
+    assert fused.unavailable() is None
+    monkeypatch.setattr(fused, "_platform", lambda q=None: "gpu")
+    monkeypatch.setattr(jax, "__version_info__", (0, 7, 1))
+    assert fused.unavailable() is None  # the GPU (Triton) lowering is not affected
+
+
 def _small(dtype=jnp.float32, T=5, S=6, H=16):
     return jnp.zeros((B, T, N, H), dtype), jnp.zeros((B, S, N, H), dtype), jnp.zeros((B, S, N, H), dtype)
 

@@ -42,6 +42,7 @@ _TPU_TILE = 128  # lanes of a TPU vector register
 # Heads wider than 128: 32 x 32 tiles (the row pass took 272 KiB of shared memory at 64 x 64, H = 256).
 _WIDE_HEAD, _WIDE_HEAD_TILE = 128, 32
 _WARPS_SMALL_H, _WARPS_LARGE_H = 4, 8  # Triton warps per program for H <= 64 and above (as jax's attention)
+_TPU_MIN_JAX = (0, 10)  # the oldest jax whose Mosaic lowering of the kernel was checked (0.10.2); 0.7.1 fails
 _PLANTED_BUG = None  # test hook: "band_edge", "dropped_bucket" or "gather" plants a known bug in the kernels
 
 
@@ -60,6 +61,9 @@ def unavailable(q=None) -> str | None:
     if os.environ.get(_INTERPRET_ENV) == "1":
         return None
     platform = _platform(q)
+    if platform == "tpu" and jax.__version_info__ < _TPU_MIN_JAX:
+        return (f"the fused Pallas kernel's TPU lowering needs jax >= {'.'.join(map(str, _TPU_MIN_JAX))} "
+                f"(jax 0.7.1 fails in it), but jax {jax.__version__} is installed")
     if platform in ("gpu", "tpu"):
         return None
     return (f"the fused Pallas kernels need a GPU or TPU backend, but {platform!r} is in use; "
