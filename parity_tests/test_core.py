@@ -7,7 +7,7 @@ import pytest
 
 from . import oracle
 from .backends import backend
-from .numerics import allowed_error, assert_close
+from .numerics import allowed_error, assert_close, assert_grads_match_finite_differences
 
 
 def qkv(rng, B=2, T=5, S=5, N=3, H=4):
@@ -77,19 +77,6 @@ def test_dense_edges(bk, form, terms):
     check(bk, inputs)
 
 
-def _assert_grads_match_finite_differences(bk, inputs, rng, **kw):
-    """Directional derivatives of the oracle (central differences) equal the framework's grads."""
-    cot = rng.standard_normal(np.shape(oracle.relative_attention(**inputs, **kw)))
-    _, grads = bk.attention_grads(inputs, cot, **kw)
-    assert set(grads) == {n for n, x in inputs.items() if x is not None}
-    eps = 1e-6
-    for name, g in grads.items():
-        d = rng.standard_normal(inputs[name].shape)
-        plus = oracle.relative_attention(**{**inputs, name: inputs[name] + eps * d}, **kw)
-        minus = oracle.relative_attention(**{**inputs, name: inputs[name] - eps * d}, **kw)
-        numeric = ((plus - minus) * cot).sum() / (2 * eps)
-        assert abs(numeric - (g * d).sum()) <= allowed_error(numeric, 1e-7), name
-
 
 @pytest.mark.parametrize("form", list(DENSE_SHAPES))
 def test_dense_edge_gradients_match_finite_differences(bk, form):
@@ -100,7 +87,7 @@ def test_dense_edge_gradients_match_finite_differences(bk, form):
     inputs = qkv(rng, B, T, S, N, H)
     shape = DENSE_SHAPES[form](B, T, S, N, H)
     inputs["rel_k"], inputs["rel_v"] = rng.standard_normal(shape), rng.standard_normal(shape)
-    _assert_grads_match_finite_differences(bk, inputs, rng, mask=rng.random((B, 1, T, S)) < 0.8)
+    assert_grads_match_finite_differences(bk, inputs, rng, mask=rng.random((B, 1, T, S)) < 0.8)
 
 
 @pytest.mark.parametrize("gemm_rows, huge_bytes", [(2, 1 << 25), (16, 0), (2, 0)])
@@ -245,7 +232,7 @@ def test_gradients_match_finite_differences_of_oracle(bk):
     B, T, S, N, H, R = 1, 3, 4, 2, 3, 5
     inputs = qkv(rng, B, T, S, N, H)
     inputs["rel_k"], inputs["rel_v"] = rng.standard_normal((R, N, H)), rng.standard_normal((R, H))
-    _assert_grads_match_finite_differences(bk, inputs, rng, rel_ids=oracle.shaw_ids(T, S, 2, 1), is_causal=True)
+    assert_grads_match_finite_differences(bk, inputs, rng, rel_ids=oracle.shaw_ids(T, S, 2, 1), is_causal=True)
 
 
 # --- dtypes ------------------------------------------------------------------------------------
