@@ -380,7 +380,7 @@ def test_module_inputs_of_the_wrong_type_are_named(bk):
     kind = "jax.Array or numpy.ndarray" if bk.name == "jax" else "torch.Tensor"
     with pytest.raises(TypeError, match=rf"^query must be a {kind}, got"):
         m(bad)
-    with pytest.raises(TypeError, match=rf"^key must be a {kind}, got"):
+    with pytest.raises(TypeError, match=rf"^key must be a {kind} or None, got"):
         m(bk.array(x), bad)
     with pytest.raises(TypeError, match=rf"^mask must be a {kind}.* or None, got builtins.list"):
         m(bk.array(x), mask=[[True] * 5] * 2)

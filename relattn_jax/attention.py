@@ -144,13 +144,14 @@ def _shape(x):
     return None if x is None else tuple(x.shape)
 
 
-def _arrays(**named) -> list:
-    """The inputs as arrays: jax arrays and tracers as they are, NumPy arrays converted, others refused."""
+def _arrays(required=("q", "k", "v"), **named) -> list:
+    """The inputs as arrays: jax arrays and tracers as they are, NumPy arrays converted, others refused
+    with a TypeError naming the argument (the layers use it too)."""
     out = []
     for name, x in named.items():
         if x is not None and not isinstance(x, jax.Array):
             if not isinstance(x, np.ndarray):
-                raise TypeError(f"{name} must be a jax.Array or numpy.ndarray{'' if name in 'qkv' else ' or None'}, "
+                raise TypeError(f"{name} must be a jax.Array or numpy.ndarray{'' if name in required else ' or None'}, "
                                 f"got {type(x).__module__}.{type(x).__name__}")
             x = jnp.asarray(x)
         out.append(x)

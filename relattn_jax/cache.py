@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from . import _spec
+from . import _cache_spec, _spec
 from .masks import causal_mask, combine_masks
 
 
@@ -118,7 +118,7 @@ def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.A
 
 def _check_room(length, *, new: int, max_length: int) -> None:
     """Host side of a checked, traced update (runs with the concrete length)."""
-    _spec.check_cache_room(int(length), new, max_length)
+    _cache_spec.check_cache_room(int(length), new, max_length)
 
 
 def _check_mask(mask, new_shape, max_length: int) -> jax.Array:
@@ -127,7 +127,7 @@ def _check_mask(mask, new_shape, max_length: int) -> jax.Array:
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
     B, T, N, _ = new_shape
-    _spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
+    _cache_spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
     return mask
 
 
@@ -138,10 +138,10 @@ def _check_type(cache) -> None:
 
 def _check_update(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> None:
     _check_type(cache)
-    _spec.check_cache_buffers(tuple(cache.k.shape), tuple(cache.v.shape), tuple(k_new.shape), cache.max_length)
+    _cache_spec.check_cache_buffers(tuple(cache.k.shape), tuple(cache.v.shape), tuple(k_new.shape), cache.max_length)
     if cache.k.dtype != k_new.dtype or cache.v.dtype != v_new.dtype:
         raise TypeError(f"cache dtype must be the keys' dtype {k_new.dtype}, got {cache.k.dtype}")
     if k_new.shape[1] > cache.max_length:  # static: refused even when traced, checked or not
-        raise ValueError(_spec.overflow_message(None, k_new.shape[1], cache.max_length))
+        raise ValueError(_cache_spec.overflow_message(None, k_new.shape[1], cache.max_length))
     if not isinstance(cache.length, jax.core.Tracer):
-        _spec.check_cache_room(int(cache.length), k_new.shape[1], cache.max_length)
+        _cache_spec.check_cache_room(int(cache.length), k_new.shape[1], cache.max_length)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _spec
+from . import _cache_spec, _spec
 from .modules import RelativeMultiHeadAttention
 
 
@@ -187,7 +187,7 @@ def _check_tokens(tokens, cfg: DecoderConfig) -> None:
     if not cfg.relative and tokens.shape[1] > cfg.max_len:
         raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
     if tokens.size and not isinstance(tokens, jax.core.Tracer):  # traced: out-of-range ids give NaN rows
-        _spec.check_token_range("tokens", int(jnp.min(tokens)), int(jnp.max(tokens)), cfg.vocab_size)
+        _cache_spec.check_token_range("tokens", int(jnp.min(tokens)), int(jnp.max(tokens)), cfg.vocab_size)
 
 
 def _check_cache(cache, cfg: DecoderConfig) -> None:

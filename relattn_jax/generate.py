@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _spec
+from . import _cache_spec, _spec
 
 
 def generate(
@@ -143,7 +143,7 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
     B, P = prompt.shape
-    _spec.check_generate_args(B, P, max_new_tokens, temperature, seed)
+    _cache_spec.check_generate_args(B, P, max_new_tokens, temperature, seed)
     if not callable(getattr(model, "init_cache", None)):
         raise TypeError(
             f"model must offer init_cache(batch_size, max_length) and model(tokens, *, cache=...) "
@@ -152,7 +152,7 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
     if loop not in ("scan", "eager"):
         raise ValueError(f"loop must be 'scan' or 'eager', got {loop!r}")
     if not isinstance(prompt, jax.core.Tracer):  # the jitted loop would read ids out of range silently
-        _spec.check_token_range("prompt", int(jnp.min(prompt)), int(jnp.max(prompt)), _vocab_size(model))
+        _cache_spec.check_token_range("prompt", int(jnp.min(prompt)), int(jnp.max(prompt)), _vocab_size(model))
     if prompt_lengths is not None:
         if not hasattr(prompt_lengths, "dtype") or not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
             raise TypeError(f"prompt_lengths must be an int array [B], got {_describe(prompt_lengths)}")

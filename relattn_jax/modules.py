@@ -14,11 +14,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from . import _spec
-from .attention import relative_attention
+from . import _cache_spec, _spec
+from .attention import _arrays, relative_attention
 from .cache import KVCache, attend_cache, init_kv_cache
 
 
@@ -116,9 +115,9 @@ class RelativeMultiHeadAttention(nnx.Module):
         Returns:
             [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
         """
-        query, key, value = _arrays(query=query, key=key, value=value)
+        query, key, value = _arrays(required=("query",), query=query, key=key, value=value)
         if cache is not None:
-            _spec.check_cache_call(key, value, q_offset)
+            _cache_spec.check_cache_call(key, value, q_offset)
         key = query if key is None else key
         value = key if value is None else value
         _spec.check_model_input("query", tuple(query.shape), self.embed_dim)
@@ -185,7 +184,7 @@ class RelationAwareAttention(nnx.Module):
     def __call__(self, x, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False,
                  deterministic: bool | None = None, rngs: nnx.Rngs | None = None):
         """x [B, S, N, H] -> [B, S, N, H]; rel_k/rel_v/rel_ids as in ``relative_attention``."""
-        (x,) = _arrays(x=x)
+        (x,) = _arrays(required=("x",), x=x)
         want = (self.num_heads, self.head_dim)
         if x.ndim != 4 or tuple(x.shape[2:]) != want:
             raise ValueError(f"x must be [B, S, N, H] = [B, S, {want[0]}, {want[1]}], got shape {_spec.fmt(x.shape)}")
@@ -205,8 +204,7 @@ def _zero_unseen(mask, query, key, value, N):
     """Zero the input rows that the mask leaves out altogether: queries that see no key (their
     output is 0 whatever they hold) and keys that no query sees. Exact, and a non-finite padded
     row then reaches no output and no gradient (the projections' weight gradients included)."""
-    if not isinstance(mask, (jax.Array, np.ndarray)):
-        raise TypeError(f"mask must be a jax.Array or numpy.ndarray or None, got {type(mask).__module__}.{type(mask).__name__}")
+    (mask,) = _arrays(mask=mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
     B, T, S = query.shape[0], query.shape[1], key.shape[1]
@@ -216,18 +214,6 @@ def _zero_unseen(mask, query, key, value, N):
     query = jnp.where(q_seen[..., None], query, 0).astype(query.dtype)
     key_seen = k_seen[..., None]
     return query, jnp.where(key_seen, key, 0).astype(key.dtype), jnp.where(key_seen, value, 0).astype(value.dtype)
-
-
-def _arrays(**inputs) -> list:
-    """The inputs as arrays: jax arrays as they are, NumPy arrays converted, others refused."""
-    out = []
-    for name, x in inputs.items():
-        if x is not None and not isinstance(x, jax.Array):
-            if not isinstance(x, np.ndarray):
-                raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got {type(x).__module__}.{type(x).__name__}")
-            x = jnp.asarray(x)
-        out.append(x)
-    return out
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:

@@ -138,10 +138,11 @@ def _shape(x):
     return None if x is None else tuple(x.shape)
 
 
-def _check_types(**named) -> None:
+def _check_types(required=("q", "k", "v"), **named) -> None:
+    """Every given argument is a torch.Tensor, else a TypeError naming it (the layers use it too)."""
     for name, x in named.items():
         if x is not None and not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor{'' if name in 'qkv' else ' or None'}, "
+            raise TypeError(f"{name} must be a torch.Tensor{'' if name in required else ' or None'}, "
                             f"got {type(x).__module__}.{type(x).__name__}")
 
 

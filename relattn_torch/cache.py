@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _spec
+from . import _cache_spec, _spec
 from .masks import causal_mask, combine_masks
 
 
@@ -92,7 +92,7 @@ def update_kv_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) ->
     T = k_new.shape[1]
     start = cache.length
     if cache.checked and torch.compiler.is_compiling():
-        torch._assert_async(cache.length + T <= cache.max_length, _spec.overflow_message(None, T, cache.max_length))
+        torch._assert_async(cache.length + T <= cache.max_length, _cache_spec.overflow_message(None, T, cache.max_length))
         start = start.clamp(max=cache.max_length - T)
     idx = start + torch.arange(T, device=cache.k.device)  # [T]
     if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
@@ -127,7 +127,7 @@ def _check_mask(mask, new_shape, max_length: int) -> None:
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
     B, T, N, _ = new_shape
-    _spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
+    _cache_spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
 
 
 def _check_type(cache) -> None:
@@ -137,10 +137,10 @@ def _check_type(cache) -> None:
 
 def _check_update(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     _check_type(cache)
-    _spec.check_cache_buffers(tuple(cache.k.shape), tuple(cache.v.shape), tuple(k_new.shape), cache.max_length)
+    _cache_spec.check_cache_buffers(tuple(cache.k.shape), tuple(cache.v.shape), tuple(k_new.shape), cache.max_length)
     if cache.k.dtype != k_new.dtype or cache.v.dtype != v_new.dtype:
         raise TypeError(f"cache dtype must be the keys' dtype {k_new.dtype}, got {cache.k.dtype}")
     if k_new.shape[1] > cache.max_length:  # static: refused even when traced, checked or not
-        raise ValueError(_spec.overflow_message(None, k_new.shape[1], cache.max_length))
+        raise ValueError(_cache_spec.overflow_message(None, k_new.shape[1], cache.max_length))
     if not torch.compiler.is_compiling():
-        _spec.check_cache_room(int(cache.length), k_new.shape[1], cache.max_length)
+        _cache_spec.check_cache_room(int(cache.length), k_new.shape[1], cache.max_length)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _spec
+from . import _cache_spec, _spec
 from .modules import RelativeMultiHeadAttention
 
 
@@ -187,7 +187,7 @@ def _check_tokens(tokens, cfg: DecoderConfig) -> None:
         raise ValueError(f"tokens length T must be <= max_len ({cfg.max_len}) for absolute positions, got {tokens.shape[1]}")
     if tokens.numel() and not torch.compiler.is_compiling():  # compiled: inductor's own index assert
         lo, hi = torch.aminmax(tokens)
-        _spec.check_token_range("tokens", int(lo), int(hi), cfg.vocab_size)
+        _cache_spec.check_token_range("tokens", int(lo), int(hi), cfg.vocab_size)
 
 
 def _check_cache(cache, cfg: DecoderConfig) -> None:

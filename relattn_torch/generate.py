@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _spec
+from . import _cache_spec, _spec
 
 
 @torch.no_grad()
@@ -95,14 +95,14 @@ def _check_args(model, prompt, max_new_tokens, temperature, seed, prompt_lengths
     if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
         raise ValueError(f"prompt must be int tokens [B, P], got shape {_spec.fmt(prompt.shape)} dtype {prompt.dtype}")
     B, P = prompt.shape
-    _spec.check_generate_args(B, P, max_new_tokens, temperature, seed)
+    _cache_spec.check_generate_args(B, P, max_new_tokens, temperature, seed)
     if not callable(getattr(model, "init_cache", None)):
         raise TypeError(
             f"model must offer init_cache(batch_size, max_length) and model(tokens, *, cache=...) "
             f"(e.g. DecoderLM), got {type(model).__name__}"
         )
     lo, hi = torch.aminmax(prompt)
-    _spec.check_token_range("prompt", int(lo), int(hi), _vocab_size(model))
+    _cache_spec.check_token_range("prompt", int(lo), int(hi), _vocab_size(model))
     if prompt_lengths is not None:
         if not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.dtype.is_floating_point or prompt_lengths.dtype == torch.bool:
             raise TypeError(f"prompt_lengths must be an int tensor [B], got {_describe(prompt_lengths)}")

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from . import _spec
-from .attention import relative_attention
+from . import _cache_spec, _spec
+from .attention import _check_types, relative_attention
 from .cache import KVCache, attend_cache, init_kv_cache
 
 
@@ -116,9 +116,9 @@ class RelativeMultiHeadAttention(nn.Module):
         Returns:
             [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
         """
-        _check_tensors(query=query, key=key, value=value)
+        _check_types(required=("query",), query=query, key=key, value=value)
         if cache is not None:
-            _spec.check_cache_call(key, value, q_offset)
+            _cache_spec.check_cache_call(key, value, q_offset)
         key = query if key is None else key
         value = key if value is None else value
         _spec.check_model_input("query", tuple(query.shape), self.embed_dim)
@@ -194,7 +194,7 @@ class RelationAwareAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False):
         """x [B, S, N, H] -> [B, S, N, H]; rel_k/rel_v/rel_ids as in ``relative_attention``."""
-        _check_tensors(x=x)
+        _check_types(required=("x",), x=x)
         want = (self.num_heads, self.head_dim)
         if x.dim() != 4 or tuple(x.shape[2:]) != want:
             raise ValueError(f"x must be [B, S, N, H] = [B, S, {want[0]}, {want[1]}], got shape {_spec.fmt(x.shape)}")
@@ -212,8 +212,7 @@ def _zero_unseen(mask, query, key, value, N):
     """Zero the input rows that the mask leaves out altogether: queries that see no key (their
     output is 0 whatever they hold) and keys that no query sees. Exact, and a non-finite padded
     row then reaches no output and no gradient (the projections' weight gradients included)."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__module__}.{type(mask).__name__}")
+    _check_types(mask=mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
     B, T, S = query.shape[0], query.shape[1], key.shape[1]
@@ -223,12 +222,6 @@ def _zero_unseen(mask, query, key, value, N):
     query = torch.where(q_seen[..., None], query, 0)
     key_seen = k_seen[..., None]
     return query, torch.where(key_seen, key, 0), torch.where(key_seen, value, 0)
-
-
-def _check_tensors(**inputs) -> None:
-    for name, t in inputs.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}")
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
