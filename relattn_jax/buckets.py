@@ -26,15 +26,18 @@ The float steps (T5's and DeBERTa's logarithms) run in float32 as those models c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _spec
 
-__all__ = ["BertBuckets", "DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions"]
+__all__ = ["BertBuckets", "DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions", "shaw_rows",
+           "shaw_width"]
 
 
 def relative_positions(q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
@@ -53,6 +56,13 @@ class _Scheme:
 
     def bucket(self, relative: jax.Array) -> jax.Array:  # pragma: no cover - each scheme defines it
         raise NotImplementedError
+
+    @property
+    def saturation(self) -> int:
+        """W >= 0 with bucket(d) == bucket(W) for every d >= W and bucket(d) == bucket(-W) for every
+        d <= -W: beyond distance W the ids are constant on each side (so the scheme is the Shaw
+        form with clip W and the expanded tables of ``shaw_rows``)."""
+        return _saturation(self)
 
     def ids(self, q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
         """Relation ids [q_len, k_len] (int32, values in [0, num_ids)) for queries at key positions
@@ -194,3 +204,48 @@ def _log_bucket(delta: jax.Array, bucket_size: int, max_position: int) -> jax.Ar
     ratio = jnp.log(jnp.float32((max_position - 1) / mid))
     log_pos = jnp.ceil(jnp.log(abs_pos.astype(jnp.float32) / mid) / ratio * (mid - 1)) + mid
     return jnp.where(abs_pos <= mid, delta, (log_pos * sign).astype(delta.dtype))
+
+
+def shaw_width(scheme: _Scheme, q_len: int, k_len: int, q_offset: int | jax.Array | None = None) -> int:
+    """The smallest Shaw clip K that loses nothing for these sizes: every pair's id is
+    scheme.bucket(clip(d, -K, K)) with d = j - i - q_offset.
+
+    That is ``scheme.saturation``, or less when every |d| is below it (an int q_offset; default
+    k_len - q_len). With an array q_offset the distances are unknown, so it is the saturation.
+    """
+    W = scheme.saturation
+    if isinstance(q_offset, (jax.Array, np.ndarray)):
+        return W
+    q_offset = k_len - q_len if q_offset is None else int(q_offset)
+    if q_len == 0 or k_len == 0:
+        return 0
+    return min(W, max(abs(-(q_len - 1) - q_offset), abs(k_len - 1 - q_offset)))
+
+
+def shaw_rows(scheme: _Scheme, K: int) -> jax.Array:
+    """int32 [2K + 1]: rows[d + K] = scheme.bucket(d) for d in [-K, K].
+
+    With K from ``shaw_width``, ``table[shaw_rows(scheme, K)]`` is the scheme's table as a Shaw
+    table of clip K (exact; the gather's gradient sums back into the scheme's rows).
+    """
+    _spec.check_int("K", K, minimum=0)
+    return scheme.bucket(jnp.arange(-K, K + 1, dtype=jnp.int32))
+
+
+_FAR = 1 << 30  # beyond every scheme's saturation (their sizes are <= 2**20)
+
+
+@functools.lru_cache(maxsize=None)
+def _saturation(scheme: _Scheme) -> int:
+    """The smallest W whose ids on both sides equal the far ones (each side is monotone in d)."""
+    with jax.ensure_compile_time_eval():  # concrete even when first asked inside jit
+        far = scheme.bucket(jnp.asarray([_FAR, -_FAR], jnp.int32)).tolist()
+
+        def settled(w: int) -> bool:
+            return scheme.bucket(jnp.asarray([w, -w], jnp.int32)).tolist() == far
+
+        lo, hi = 0, _FAR  # settled(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if settled(mid) else (mid + 1, hi)
+    return lo

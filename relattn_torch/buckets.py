@@ -26,6 +26,7 @@ The float steps (T5's and DeBERTa's logarithms) run in float32 as those models c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,7 +34,8 @@ import torch
 
 from . import _spec
 
-__all__ = ["BertBuckets", "DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions"]
+__all__ = ["BertBuckets", "DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions", "shaw_rows",
+           "shaw_width"]
 
 
 def relative_positions(q_len: int, k_len: int, q_offset: int | torch.Tensor = 0, *, device=None) -> torch.Tensor:
@@ -52,6 +54,13 @@ class _Scheme:
 
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each scheme defines it
         raise NotImplementedError
+
+    @property
+    def saturation(self) -> int:
+        """W >= 0 with bucket(d) == bucket(W) for every d >= W and bucket(d) == bucket(-W) for every
+        d <= -W: beyond distance W the ids are constant on each side (so the scheme is the Shaw
+        form with clip W and the expanded tables of ``shaw_rows``)."""
+        return _saturation(self)
 
     def ids(self, q_len: int, k_len: int, q_offset: int | torch.Tensor = 0, *, device=None) -> torch.Tensor:
         """Relation ids [q_len, k_len] (int64, values in [0, num_ids)) for queries at key positions
@@ -194,3 +203,47 @@ def _log_bucket(delta: torch.Tensor, bucket_size: int, max_position: int) -> tor
     ratio = torch.log(torch.tensor((max_position - 1) / mid, dtype=torch.float32, device=delta.device))
     log_pos = torch.ceil(torch.log(abs_pos.float() / mid) / ratio * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, delta, (log_pos * sign).to(delta.dtype))
+
+
+def shaw_width(scheme: _Scheme, q_len: int, k_len: int, q_offset: int | torch.Tensor | None = None) -> int:
+    """The smallest Shaw clip K that loses nothing for these sizes: every pair's id is
+    scheme.bucket(clip(d, -K, K)) with d = j - i - q_offset.
+
+    That is ``scheme.saturation``, or less when every |d| is below it (an int q_offset; default
+    k_len - q_len). With a tensor q_offset the distances are unknown, so it is the saturation.
+    """
+    W = scheme.saturation
+    if isinstance(q_offset, torch.Tensor):
+        return W
+    q_offset = k_len - q_len if q_offset is None else int(q_offset)
+    if q_len == 0 or k_len == 0:
+        return 0
+    return min(W, max(abs(-(q_len - 1) - q_offset), abs(k_len - 1 - q_offset)))
+
+
+def shaw_rows(scheme: _Scheme, K: int, *, device=None) -> torch.Tensor:
+    """int64 [2K + 1]: rows[d + K] = scheme.bucket(d) for d in [-K, K].
+
+    With K from ``shaw_width``, ``table[shaw_rows(scheme, K)]`` is the scheme's table as a Shaw
+    table of clip K (exact; the gather's gradient sums back into the scheme's rows).
+    """
+    _spec.check_int("K", K, minimum=0)
+    return scheme.bucket(torch.arange(-K, K + 1, device=device))
+
+
+_FAR = 1 << 30  # beyond every scheme's saturation (their sizes are <= 2**20)
+
+
+@functools.lru_cache(maxsize=None)
+def _saturation(scheme: _Scheme) -> int:
+    """The smallest W whose ids on both sides equal the far ones (each side is monotone in d)."""
+    far = scheme.bucket(torch.tensor([_FAR, -_FAR])).tolist()
+
+    def settled(w: int) -> bool:
+        return scheme.bucket(torch.tensor([w, -w])).tolist() == far
+
+    lo, hi = 0, _FAR  # settled(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if settled(mid) else (mid + 1, hi)
+    return lo
