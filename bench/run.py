@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench import report
+from bench.compete import competitors
 
 SIZES = [256, 512, 1024, 2048, 4096, 8192]
 IMPLS = {
@@ -47,6 +48,8 @@ def parse(argv=None):
                    help="largest S for gather/scatter and HF peers, forward + backward")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 0],
                    help="intra-op thread settings, each a run of every group (0: the framework's default)")
+    p.add_argument("--compete", type=int, nargs="+", default=[0],
+                   help="competing busy processes during a group (bench/compete.py), each a run of every group")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("-B", type=int, default=2)
@@ -103,18 +106,20 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    groups = [(threads, fw, S, causal, mode) for threads in args.threads for fw in args.frameworks for S in args.sizes
-              for causal in (c == "true" for c in args.causal) for mode in args.modes]
-    for threads, fw, S, causal, mode in groups:
+    groups = [(compete, threads, fw, S, causal, mode) for compete in args.compete for threads in args.threads
+              for fw in args.frameworks for S in args.sizes for causal in (c == "true" for c in args.causal)
+              for mode in args.modes]
+    for compete, threads, fw, S, causal, mode in groups:
         case = dict(B=args.B, S=S, N=args.N, H=args.H, K=args.K, causal=causal, mode=mode)
         names, skipped = contestants(args, fw, S, causal, mode)
         spec = dict(framework=fw, case=case, impls=names, repeats=args.repeats, threads=threads)
         # the dense pair runs in a process of its own: seed 1's multi-GiB temporaries slowed
         # the contestants timed after them in one process (jax S=512: ours 220 -> 869 ms)
         res = {}
-        for part in ([n for n in names if n not in DENSE], [n for n in names if n in DENSE]):
-            if part:
-                res.update(run_case(dict(spec, impls=part), args.timeout))
+        with competitors(compete):
+            for part in ([n for n in names if n not in DENSE], [n for n in names if n in DENSE]):
+                if part:
+                    res.update(run_case(dict(spec, impls=part), args.timeout))
         mem_names = {"all": names, "none": [], "ours_floor": ["ours", "floor"]}[args.memory]
         if (args.quick and S != max(args.sizes)) or (mode == "fwd" and "fwdbwd" in args.modes):
             mem_names = []  # memory: forward + backward rows only (and the largest S if --quick)
@@ -124,8 +129,8 @@ def main(argv=None):
             if "error" in m and "error" not in res[n]:
                 res[n]["memory_error"] = m["error"]
         for n, r in {**res, **{n: {"error": why} for n, why in skipped.items()}}.items():
-            rows.append(dict(framework=fw, impl=n, threads=threads, **case, **r))
-        print(f"[{time.time() - t0:6.0f}s] {fw} threads={threads or 'default'} S={S} causal={causal} {mode}: "
+            rows.append(dict(framework=fw, impl=n, threads=threads, compete=compete, **case, **r))
+        print(f"[{time.time() - t0:6.0f}s] {fw} threads={threads or 'default'} compete={compete} S={S} causal={causal} {mode}: "
               + ", ".join(f"{n} {r['median_s'] * 1e3:.0f}ms" if "median_s" in r else f"{n} ERR"
                           for n, r in res.items()), flush=True)
         _save(out, args, rows)

@@ -206,3 +206,50 @@ def test_report_times_each_contestant_against_its_own_floor():
     got = {(r["impl"], r["threads"]): r.get("time_x") for r in report.ratios(rows)}
     assert got[("ours", 1)] == 2.0 and got[("ours_padded", 1)] == 1.5 and got[("layer", 1)] == 1.5
     assert got[("floor_padded", 1)] == 1.0 and got[("ours", 0)] is None
+
+
+def test_rows_under_competing_load_are_their_own_groups():
+    from bench import report
+
+    g = dict(framework="torch", S=256, causal=False, mode="fwdbwd", threads=2, run=0)
+    rows = [dict(g, impl="floor", median_s=1.0), dict(g, impl="ours", median_s=1.5),
+            dict(g, impl="floor", median_s=2.0, compete=2), dict(g, impl="ours", median_s=5.0, compete=2),
+            dict(g, impl="ours", median_s=9.0, compete=1)]  # no floor under that load: no ratio
+    got = {(r["impl"], r.get("compete", 0)): r.get("time_x") for r in report.ratios(rows)}
+    assert got[("ours", 0)] == 1.5 and got[("ours", 2)] == 2.5 and got[("ours", 1)] is None
+    assert "2 competing process(es)" in report.markdown(rows, dict(platform="p", cpus=2, load_avg=(0, 0, 0)))
+
+
+def test_competitors_run_during_the_block_and_are_gone_after_it():
+    import os
+
+    from bench.compete import competitors
+
+    with competitors(1):
+        children = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == os.getpid()]
+        assert len(children) == 1
+        busy = _cpu_ticks(children[0])
+        import time
+
+        time.sleep(0.6)
+        assert _cpu_ticks(children[0]) > busy  # it is spinning
+    assert not os.path.exists(f"/proc/{children[0]}") or _state(children[0]) == "Z"
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
