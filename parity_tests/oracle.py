@@ -1,10 +1,12 @@
 """An independent float64 NumPy oracle, written straight from the equations.
 
-    e_ij = (q_i . (k_j + a^K_ij) + k_j . a^Q_ij) * scale + b_ij[n]
+    e_ij = (q_i . (k_j + a^K_ij) + k_j . a^Q_ij) * scale + b_ij[n] - m_n |j - i - q_offset|
     alpha_i = softmax_j(e_ij) over the keys visible to query i (all-zero if none)
     z_i = sum_j alpha_ij (v_j + a^V_ij)
 
-with a^Q_ij = rel_q[r_ij] and b_ij = rel_bias[r_ij] (tables indexed by the relation ids).
+with a^Q_ij = rel_q[r_ij] and b_ij = rel_bias[r_ij] (tables indexed by the relation ids), m the
+ALiBi slopes (one per query head, q_offset default S - T), and grouped key/value heads: with
+k, v of N_kv heads, query head n reads k, v of head n // (N / N_kv).
 The bucket functions (Shaw, T5, DeBERTa) are scalar transcriptions of the published formulas,
 one relative position at a time, with the logarithms in float32 as T5 and DeBERTa compute them.
 
@@ -129,13 +131,16 @@ def visibility(B, N, T, S, mask=None, is_causal=False) -> np.ndarray:
 
 
 def relative_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=None, is_causal=False, scale=None,
-                       rel_q=None, rel_bias=None, max_distance=None, q_offset=None):
-    """Oracle of ``relative_attention``: q [B, T, N, H], k, v [B, S, N, H] -> [B, T, N, H]."""
+                       rel_q=None, rel_bias=None, max_distance=None, q_offset=None, alibi_slopes=None):
+    """Oracle of ``relative_attention``: q [B, T, N, H], k, v [B, S, N_kv, H] -> [B, T, N, H]."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, T, N, H = q.shape
     S = k.shape[1]
+    group = N // k.shape[2]  # query heads per key/value head
+    k, v = (np.stack([x[:, :, n // group] for n in range(N)], axis=2) for x in (k, v))  # [B, S, N, H]
+    offset = S - T if q_offset is None else q_offset
     if max_distance is not None:
-        rel_ids = shaw_ids(T, S, max_distance, S - T if q_offset is None else q_offset)
+        rel_ids = shaw_ids(T, S, max_distance, offset)
     scale = 1.0 / np.sqrt(H) if scale is None else scale
     ak = dense_edges(rel_k, B, T, S, N, H, rel_ids)
     av = dense_edges(rel_v, B, T, S, N, H, rel_ids)
@@ -154,6 +159,8 @@ def relative_attention(q, k, v, rel_k=None, rel_v=None, *, rel_ids=None, mask=No
                 e = e * scale
                 if bias is not None:
                     e = e + bias[b, i, :, n]
+                if alibi_slopes is not None:
+                    e = e - float(alibi_slopes[n]) * np.array([abs(j - i - offset) for j in range(S)], np.float64)
                 seen = vis[b, n, i]
                 if not seen.any():
                     continue  # a query that sees nothing returns 0

@@ -5,7 +5,7 @@ enforces it), so both packages accept exactly the same inputs and raise the
 same errors. It works on plain tuples of ints so it never imports a framework.
 
 Dimension legend: B batch, T query length, S key length, N heads, H head dim,
-R relation ids, E model width.
+R relation ids, E model width; N_kv key/value heads (grouped: N = N_kv * G).
 """
 
 from __future__ import annotations
@@ -28,13 +28,23 @@ _TABLE_LAYOUTS = {2: "RH", 3: "RNH"}
 
 @dataclass(frozen=True)
 class Dims:
-    """Sizes read off q [B, T, N, H] and k, v [B, S, N, H]."""
+    """Sizes read off q [B, T, N, H] and k, v [B, S, N_kv, H] (N_kv = N unless the heads are grouped)."""
 
     B: int
     T: int
     S: int
     N: int
     H: int
+    N_kv: int | None = None  # key/value heads; None means N
+
+    @property
+    def kv_heads(self) -> int:
+        return self.N if self.N_kv is None else self.N_kv
+
+    @property
+    def groups(self) -> int:
+        """G, the query heads per key/value head: query head n reads key/value head n // G."""
+        return self.N // self.kv_heads if self.kv_heads else 1
 
 
 def fmt(shape) -> str:
@@ -42,7 +52,7 @@ def fmt(shape) -> str:
 
 
 def check_qkv(q_shape: Shape, k_shape: Shape, v_shape: Shape) -> Dims:
-    """Validate q [B, T, N, H], k [B, S, N, H], v [B, S, N, H]; return the sizes."""
+    """Validate q [B, T, N, H], k [B, S, N_kv, H], v [B, S, N_kv, H] with N % N_kv == 0; return the sizes."""
     for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
         if len(shape) != 4:
             raise ValueError(
@@ -53,11 +63,16 @@ def check_qkv(q_shape: Shape, k_shape: Shape, v_shape: Shape) -> Dims:
     if tuple(k_shape) != tuple(v_shape):
         raise ValueError(f"k and v must have the same shape [B, S, N, H], got k {fmt(k_shape)} and v {fmt(v_shape)}")
     Bk, S, Nk, Hk = k_shape
-    if (Bk, Nk, Hk) != (B, N, H):
+    if (Bk, Hk) != (B, H):
         raise ValueError(
             f"k must be [B, S, N, H] = [{B}, S, {N}, {H}] to match q {fmt(q_shape)}, got {fmt(k_shape)}"
         )
-    return Dims(B=B, T=T, S=S, N=N, H=H)
+    if Nk != N and (Nk < 1 or N % Nk):
+        raise ValueError(
+            f"k and v must have N_kv heads with N % N_kv == 0 (grouped key/value heads: query head n reads "
+            f"head n // (N // N_kv)), got N = {N} query heads and N_kv = {Nk} in k {fmt(k_shape)}"
+        )
+    return Dims(B=B, T=T, S=S, N=N, H=H, N_kv=Nk)
 
 
 def check_float_dtypes(named_dtypes, is_floating) -> None:
@@ -308,15 +323,17 @@ def check_heads(embed_dim: int, num_heads: int, head_dim) -> int:
 
 
 def check_shaw(rel_k_shape, rel_v_shape, has_rel_ids: bool, max_distance, has_q_offset: bool, d: Dims,
-               rel_q_shape=None, rel_bias_shape=None) -> None:
+               rel_q_shape=None, rel_bias_shape=None, positional: bool = False) -> None:
     """The Shaw form (``max_distance``): tables of 2 * max_distance + 1 rows, no rel_ids.
 
     Shapes are None for an absent term (rel_q and rel_bias are checked by ``check_query_terms``
-    first; here only their rows). ``q_offset`` only makes sense with ``max_distance``.
+    first; here only their rows). ``q_offset`` only makes sense with positions: ``max_distance``,
+    or (``positional``) ``scheme=`` or ``alibi_slopes``.
     """
     if max_distance is None:
-        if has_q_offset:
-            raise ValueError("q_offset describes Shaw ids and needs max_distance; got max_distance=None")
+        if has_q_offset and not positional:
+            raise ValueError("q_offset describes relative positions and needs max_distance, scheme= or "
+                             "alibi_slopes; got none of them")
         return
     if has_rel_ids:
         raise ValueError("pass either rel_ids or max_distance (implied Shaw ids), not both")
@@ -334,6 +351,39 @@ def check_shaw(rel_k_shape, rel_v_shape, has_rel_ids: bool, max_distance, has_q_
                     f"{name} must have R = 2 * max_distance + 1 = {2 * max_distance + 1} rows for "
                     f"max_distance={max_distance}, got shape {fmt(shape)}"
                 )
+
+
+# --- scheme= and alibi_slopes ------------------------------------------------------------------------
+
+def check_scheme_args(has_rel_ids: bool, max_distance) -> None:
+    """scheme= gives the ids: it excludes rel_ids and max_distance (which is scheme=ShawBuckets(max_distance))."""
+    if has_rel_ids:
+        raise ValueError("pass either scheme= (ids from a bucket scheme) or rel_ids, not both")
+    if max_distance is not None:
+        raise ValueError("pass either scheme= or max_distance (the Shaw ids, scheme=ShawBuckets(max_distance)), "
+                         "not both")
+
+
+def check_scheme_tables(scheme_repr: str, num_ids: int, named_shapes, d: Dims) -> None:
+    """Every table given with scheme= has scheme.num_ids rows; rel_k / rel_v are tables [R, H] or [R, N, H]."""
+    given = [(name, tuple(shape)) for name, shape in named_shapes if shape is not None]
+    if not given:
+        raise ValueError("scheme= was given but rel_k, rel_v, rel_q and rel_bias are all None; "
+                         "pass at least one relation table")
+    for name, shape in given:
+        if name in ("rel_k", "rel_v"):
+            table_layout(name, shape, d)
+        if shape[0] != num_ids:
+            raise ValueError(f"{name} must have R = scheme.num_ids = {num_ids} rows for {scheme_repr}, "
+                             f"got shape {fmt(shape)} ({shape[0]} rows)")
+
+
+def check_alibi(shape: Shape, finite: bool | None, d: Dims) -> None:
+    """alibi_slopes is [N], one slope per query head, finite (``finite`` None: not known, e.g. traced)."""
+    if tuple(shape) != (d.N,):
+        raise ValueError(f"alibi_slopes must be [N] = [{d.N}] (one slope per query head), got shape {fmt(shape)}")
+    if finite is False:
+        raise ValueError("alibi_slopes must be finite, got a NaN or inf slope")
 
 
 def dense_t_axis(rank: int) -> int:

@@ -4,9 +4,13 @@ Dimension legend (shared with ``relattn_torch/attention.py``):
     B batch, T query length, S key length, N heads, H head dim,
     R relation ids, E model width, I input features per head.
 
+Grouped key/value heads: k, v may hold N_kv heads, N % N_kv == 0, and query head n reads
+key/value head n // G, G = N / N_kv (the einsums write them K and G).
+
 Equations (Shaw et al. 2018, relation-aware self-attention; the query-side term and the
-bias table of T5 / DeBERTa / BERT relative_key_query, with r_ij the relation id of the pair):
-    e_ij = (q_i . (k_j + a^K_ij) + k_j . a^Q[r_ij]) * scale + b[r_ij, n]
+bias table of T5 / DeBERTa / BERT relative_key_query, with r_ij the relation id of the pair;
+ALiBi's slopes m_n, with the same q_offset):
+    e_ij = (q_i . (k_j + a^K_ij) + k_j . a^Q[r_ij]) * scale + b[r_ij, n] - m_n |j - i - q_offset|
     alpha_i = softmax_j(e_ij) over the keys visible to query i
     z_i = sum_j alpha_ij (v_j + a^V_ij)
 """
@@ -19,6 +23,7 @@ import numpy as np
 
 from . import _spec
 from .blockwise import blockwise_attention
+from .buckets import ShawBuckets, _Scheme
 from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
 from .einsum import AttentionArgs, einsum_attention, masked_softmax
 from .finite import finite_inputs, poison_rows
@@ -38,6 +43,8 @@ def relative_attention(
     rel_ids: jax.Array | None = None,
     rel_q: jax.Array | None = None,
     rel_bias: jax.Array | None = None,
+    alibi_slopes: jax.Array | None = None,
+    scheme: _Scheme | None = None,
     mask: jax.Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
@@ -52,8 +59,9 @@ def relative_attention(
 
     Args:
         q: queries [B, T, N, H].
-        k: keys [B, S, N, H].
-        v: values [B, S, N, H].
+        k: keys [B, S, N, H], or [B, S, N_kv, H] with N % N_kv == 0 (grouped key/value heads:
+            query head n reads key/value head n // (N // N_kv), HF ``repeat_kv``'s order).
+        v: values, the shape of k.
         rel_k: key-side relation term a^K, or None. Dense form (``rel_ids is None``):
             edge tensor [T, S, H] (shared by heads), [T, S, N, H] or [B, T, S, N, H]
             (size-1 B, T, S, N broadcast). Table form: [R, H] or [R, N, H].
@@ -63,10 +71,18 @@ def relative_attention(
             call; under ``jax.jit`` see ``check_ids``.
         rel_q: query-side relation table a^Q [R, H] or [R, N, H], or None: adds
             scale * k_j . a^Q[r_ij] to the logits (BERT ``relative_key_query``'s key term,
-            DeBERTa's position-to-content term). Needs ids: ``rel_ids`` or ``max_distance``.
+            DeBERTa's position-to-content term). Needs ids: ``rel_ids``, ``max_distance`` or
+            ``scheme``.
         rel_bias: per-head scalar bias table b [R, N], or None: adds b[r_ij, n] to the logits
             after the scale (T5's ``relative_attention_bias``; T5 passes scale=1.0). Needs ids.
-            With ``rel_q`` or ``rel_bias`` only the "einsum" and "blockwise" paths run.
+        alibi_slopes: ALiBi slopes m [N] (one per query head, finite, the dtype of q), or None:
+            adds -m_n * |j - i - q_offset| to the logits after the scale, beside ``rel_bias``;
+            needs no ids. Only the "einsum" and "blockwise" paths take it.
+        scheme: a bucket scheme from ``buckets.py`` (``ShawBuckets``, ``T5Buckets``,
+            ``DebertaBuckets``, ``BertBuckets``), or None: the ids are
+            ``scheme.ids(T, S, q_offset)`` and every table given (rel_k, rel_v, rel_q,
+            rel_bias) has ``scheme.num_ids`` rows. Excludes ``rel_ids`` and ``max_distance``;
+            ``scheme=ShawBuckets(K)`` is exactly ``max_distance=K``.
         mask: bool, broadcastable to [B, N, T, S]; True means the query may attend the key.
             A masked entry changes no output and no gradient, whatever k, v, the edges or
             the table rows hold there (NaN and inf included); a query row that attends a
@@ -81,8 +97,9 @@ def relative_attention(
             [R, H] or [R, N, H] with R = 2 * max_distance + 1 and the ids are
             clip(j - i - q_offset, -max_distance, max_distance) + max_distance, as
             ``relative_position_ids`` makes them. Excludes ``rel_ids``.
-        q_offset: position of query 0 among the keys for those ids (int or 0-d int
-            array, traced or not); default S - T. Only with ``max_distance``.
+        q_offset: position of query 0 among the keys for those ids and ALiBi's distances (int
+            or 0-d int array, traced or not); default S - T. Only with ``max_distance``,
+            ``scheme`` or ``alibi_slopes``.
         check_ids: under ``jax.jit`` the rel_ids values are not known when the function
             is traced. False (default): ids outside [0, R) are clamped to the nearest
             row, with no check. True: a ``jax.experimental.checkify`` check; run the
@@ -94,7 +111,7 @@ def relative_attention(
             Pallas kernel; ``max_distance``, no dropout, float32/float16/bfloat16, a GPU or
             TPU backend, or RELATTN_PALLAS_INTERPRET=1 on CPU), "einsum" (``einsum.py``: the
             equations over [B, N, T, S] logits), "shaw" (``shaw.py``: the clipped ids as
-            one expand / reduce pair; ``max_distance``, no dropout) or "blockwise"
+            one expand / reduce pair; ``max_distance`` with rel_k / rel_v only, no dropout) or "blockwise"
             (``blockwise.py``: query blocks, memory linear in S). "reference" is a
             deprecated alias of "einsum". The table is on the Implementations page of
             the docs.
@@ -106,22 +123,28 @@ def relative_attention(
     Raises:
         TypeError / ValueError: naming the argument, for a wrong type, shape, dtype or value.
     """
-    q, k, v, rel_k, rel_v, rel_ids, rel_q, rel_bias, mask = _arrays(
-        q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, rel_q=rel_q, rel_bias=rel_bias, mask=mask)
-    d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None, rel_q=rel_q, rel_bias=rel_bias)
+    q, k, v, rel_k, rel_v, rel_ids, rel_q, rel_bias, alibi_slopes, mask = _arrays(
+        q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, rel_q=rel_q, rel_bias=rel_bias,
+        alibi_slopes=alibi_slopes, mask=mask)
+    scheme, max_distance = _resolve_scheme(scheme, rel_ids, max_distance)
+    tables = dict(rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias)
+    d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None or scheme is not None,
+               rel_q=rel_q, rel_bias=rel_bias, alibi_slopes=alibi_slopes)
+    if scheme is not None:
+        _spec.check_scheme_tables(repr(scheme), scheme.num_ids, [(n, _shape(t)) for n, t in tables.items()], d)
     _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d,
-                     _shape(rel_q), _shape(rel_bias))
+                     _shape(rel_q), _shape(rel_bias), positional=scheme is not None or alibi_slopes is not None)
     _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids)
     if dropout_p > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rng must be a PRNG key when dropout_p > 0")
-    if max_distance is not None and q_offset is None:
+    if q_offset is None and (max_distance is not None or scheme is not None or alibi_slopes is not None):
         q_offset = d.S - d.T  # the queries are the last T key positions
     if isinstance(rel_ids, jax.core.Tracer):
-        rel_ids = _traced_ids(rel_ids, [t.shape[0] for t in (rel_k, rel_v, rel_q, rel_bias) if t is not None],
-                              check_ids)
+        rel_ids = _traced_ids(rel_ids, [t.shape[0] for t in tables.values() if t is not None], check_ids)
     args = AttentionArgs(rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask, is_causal=is_causal,
                          scale=_spec.default_scale(d.H) if scale is None else float(scale), dropout_p=float(dropout_p),
-                         max_distance=max_distance, q_offset=q_offset, rel_q=rel_q, rel_bias=rel_bias, dropout_rng=dropout_rng)
+                         max_distance=max_distance, q_offset=q_offset, rel_q=rel_q, rel_bias=rel_bias,
+                         dropout_rng=dropout_rng, scheme=scheme, alibi_slopes=alibi_slopes)
     name = choose_implementation(q, k, v, args, implementation).name
     k_run, v_run, run_args, found = finite_inputs(k, v, args)
     out = _run(name, q, k_run, v_run, run_args)
@@ -142,6 +165,19 @@ def _run(name: str, q, k, v, args: AttentionArgs) -> jax.Array:
 
 def _shape(x):
     return None if x is None else tuple(x.shape)
+
+
+def _resolve_scheme(scheme, rel_ids, max_distance):
+    """(scheme, max_distance) with ShawBuckets(K) as max_distance=K, so that every Shaw path takes it."""
+    if scheme is None:
+        return None, max_distance
+    if not isinstance(scheme, _Scheme):
+        raise TypeError("scheme must be None, ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
+                        f"got {type(scheme).__module__}.{type(scheme).__name__}")
+    _spec.check_scheme_args(rel_ids is not None, max_distance)
+    if isinstance(scheme, ShawBuckets):
+        return None, scheme.max_distance
+    return scheme, None
 
 
 def _arrays(required=("q", "k", "v"), **named) -> list:
@@ -182,12 +218,19 @@ def _traced_ids(rel_ids: jax.Array, rows: list[int], check_ids: bool) -> jax.Arr
     return jnp.clip(rel_ids, 0, R - 1)
 
 
-def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bias=None) -> _spec.Dims:
+def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bias=None,
+           alibi_slopes=None) -> _spec.Dims:
+    """Shapes, dtypes and id values; ``shaw``: the ids are implied (max_distance or a scheme)."""
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     named = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
-    terms = (("rel_k", rel_k), ("rel_v", rel_v), ("rel_q", rel_q), ("rel_bias", rel_bias))
+    terms = (("rel_k", rel_k), ("rel_v", rel_v), ("rel_q", rel_q), ("rel_bias", rel_bias),
+             ("alibi_slopes", alibi_slopes))
     named += [(n, t.dtype) for n, t in terms if t is not None]
     _spec.check_float_dtypes(named, lambda dt: jnp.issubdtype(dt, jnp.floating))
+    terms = terms[:4]
+    if alibi_slopes is not None:
+        finite = None if isinstance(alibi_slopes, jax.core.Tracer) else bool(np.isfinite(np.asarray(alibi_slopes)).all())
+        _spec.check_alibi(tuple(alibi_slopes.shape), finite, d)
     _spec.check_rel_args(rel_k, rel_v, rel_ids, rel_q, rel_bias)
     _spec.check_query_terms(_shape(rel_q), _shape(rel_bias), rel_ids is not None or shaw, d)
     if rel_ids is not None:
@@ -200,7 +243,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
         if not isinstance(rel_ids, jax.core.Tracer) and rel_ids.size:
             ids = np.asarray(rel_ids)
             _spec.check_rel_ids_range(int(ids.min()), int(ids.max()), [(n, t.shape[0]) for n, t in tables])
-    elif not shaw:  # the Shaw tables are checked by _spec.check_shaw
+    elif not shaw:  # the Shaw / scheme tables are checked by _spec.check_shaw / check_scheme_tables
         for name, edges in (("rel_k", rel_k), ("rel_v", rel_v)):
             if edges is not None:
                 _spec.dense_edge_layout(name, tuple(edges.shape), d)

@@ -2,7 +2,7 @@
 
 Why this twin differs: ``lax.map`` traces one block body, so every block must have the same
 shape: the rows are zero-padded to whole blocks and each block's rows are cut with
-``dynamic_slice``. In the Shaw form (without dropout, rel_q or rel_bias) each block takes this
+``dynamic_slice``. In the Shaw form (without dropout, rel_q, rel_bias or alibi_slopes) each block takes this
 package's Shaw path, which accepts the block's causal rows as a mask. The torch twin loops over
 blocks in Python, with a shorter last block, and every block takes the einsum path (its Shaw
 path takes no mask).
@@ -36,8 +36,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: Attentio
 
     Args:
         q: queries [B, T, N, H].
-        k: keys [B, S, N, H].
-        v: values [B, S, N, H].
+        k: keys [B, S, N_kv, H] (N_kv divides N).
+        v: values [B, S, N_kv, H].
         args: the checked arguments of the call (``relative_attention`` makes them).
 
     Returns:
@@ -47,7 +47,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: Attentio
     bq = max(1, min(BLOCK_ROWS, T))
     nblk = -(-T // bq)
     padded = _Padded.of(q, args, nblk * bq)
-    shaw_form = args.max_distance is not None and args.dropout_p == 0.0 and args.rel_q is None and args.rel_bias is None
+    shaw_form = (args.max_distance is not None and args.dropout_p == 0.0 and args.rel_q is None
+                 and args.rel_bias is None and args.alibi_slopes is None)
     path = shaw_attention if shaw_form else einsum_attention
 
     def one_block(c):
@@ -77,7 +78,7 @@ class _Padded:
         T = q.shape[1]
         edges = {"rel_k": args.rel_k, "rel_v": args.rel_v}
         axes = {}
-        if args.rel_ids is None and args.max_distance is None:  # dense edges: slice their T dim unless it broadcasts
+        if args.rel_ids is None and args.max_distance is None and args.scheme is None:  # dense edges: their T rows
             axes = {n: _spec.dense_t_axis(e.ndim) for n, e in edges.items() if e is not None}
             axes = {n: a for n, a in axes.items() if edges[n].shape[a] == T}
         edges = {n: (_pad_rows(e, axes[n], total) if n in axes else e) for n, e in edges.items()}

@@ -63,15 +63,17 @@ class _Case:
     H: int
     dtype: str  # "float32", "float64", "bfloat16", "float16"
     device: str  # the backend: "cpu", "gpu", "tpu"
-    form: str  # "none", "dense" (edge tensors), "table" (rel_ids) or "shaw" (max_distance)
+    form: str  # "none", "dense" (edge tensors), "table" (rel_ids), "shaw" (max_distance) or "scheme" (scheme=)
     kernel: str | None  # why fused.py's kernel cannot run on this device (fused.unavailable), or None
     masked: bool = False
     key_padding: bool = False  # the mask varies only along B and S (e.g. [B, 1, 1, S])
     is_causal: bool = False
     dropout: bool = False
-    max_distance: int | None = None
+    max_distance: int | None = None  # the Shaw clip; with a scheme, buckets.shaw_width (an int q_offset only)
     q_offset: int | None = None  # the Shaw form's offset if a Python int; None for an array (traced or not)
-    query_terms: bool = False  # rel_q or rel_bias given: only the einsum and blockwise paths take them
+    query_terms: bool = False  # rel_q or rel_bias given
+    N_kv: int | None = None  # key/value heads when grouped (fewer than N), else None
+    alibi: bool = False  # alibi_slopes given: only the einsum and blockwise paths take them
     backward: bool = False  # a gradient will be taken (the torch twin's banded-path crossover; unused here)
 
     @property
@@ -95,8 +97,12 @@ class _Rule:
 def _fused_blocked(c: _Case) -> str | None:
     if c.form != "shaw":
         return "needs max_distance (the Shaw form)"
+    if c.alibi:
+        return _NO_ALIBI
     if c.query_terms:
         return _NO_QUERY_TERMS
+    if c.N_kv is not None:
+        return f"needs as many key/value heads as query heads (fused.py's kernel), got N_kv = {c.N_kv} < N = {c.N}"
     if c.empty:
         return c.empty
     if c.dropout:
@@ -115,6 +121,7 @@ def _fused_wanted(c: _Case) -> str | None:
 
 
 _NO_QUERY_TERMS = "needs rel_q=None and rel_bias=None (the einsum and blockwise paths take them)"
+_NO_ALIBI = "needs alibi_slopes=None (the einsum and blockwise paths take them)"
 
 
 def _shaw_blocked(c: _Case) -> str | None:
@@ -126,6 +133,8 @@ def _shaw_blocked(c: _Case) -> str | None:
         return "needs dropout_p=0"
     if c.query_terms:
         return _NO_QUERY_TERMS
+    if c.alibi:
+        return _NO_ALIBI
     return None
 
 
@@ -230,11 +239,12 @@ def _case(q, k, args: AttentionArgs) -> _Case:
     if not isinstance(q_offset, int) or isinstance(q_offset, bool):
         q_offset = None
     return _Case(B=B, T=T, S=S, N=N, H=H, dtype=jnp.dtype(q.dtype).name, device=_backend(q),
-                 form=form, kernel=fused.unavailable(q) if form == "shaw" else None,
+                 form=form, kernel=fused.unavailable(q) if form in ("shaw", "scheme") else None,
                  masked=args.mask is not None,
                  key_padding=args.mask is not None and _spec.is_key_padding(tuple(args.mask.shape), T, N), is_causal=bool(args.is_causal), dropout=args.dropout_p > 0.0,
                  max_distance=args.max_distance, q_offset=q_offset,
-                 query_terms=args.rel_q is not None or args.rel_bias is not None)
+                 query_terms=args.rel_q is not None or args.rel_bias is not None,
+                 N_kv=k.shape[2] if k.shape[2] != N else None, alibi=args.alibi_slopes is not None)
 
 
 def _backend(x) -> str:
@@ -247,6 +257,8 @@ def _backend(x) -> str:
 def _form(args: AttentionArgs) -> str:
     if args.max_distance is not None:
         return "shaw"
+    if args.scheme is not None:
+        return "scheme"
     if args.rel_ids is not None:
         return "table"
     return "none" if args.rel_k is None and args.rel_v is None else "dense"

@@ -65,8 +65,9 @@ def poison_rows(out: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs)
 def _rows(k, v, args: AttentionArgs, B, T, N) -> jax.Array:
     """[B, N, T]: whether the row attends an entry holding a non-finite value."""
     S = k.shape[1]
-    bad_key = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, S, N]
-    bad = jnp.moveaxis(bad_key, 2, 1)[:, :, None, :] | _bad_relations(args, T, S)  # broadcasts to [B, N, T, S]
+    bad_key = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, S, N_kv]
+    bad_key = jnp.repeat(jnp.moveaxis(bad_key, 2, 1), N // max(1, k.shape[2]), axis=1)  # [B, N, S]
+    bad = bad_key[:, :, None, :] | _bad_relations(args, T, S)  # broadcasts to [B, N, T, S]
     visible = combine_masks(args.mask, causal_mask(T, S) if args.is_causal else None)
     seen = bad if visible is None else bad & visible
     return jnp.broadcast_to(seen.any(-1), (B, N, T))
@@ -75,7 +76,7 @@ def _rows(k, v, args: AttentionArgs, B, T, N) -> jax.Array:
 def _bad_relations(args: AttentionArgs, T, S) -> jax.Array:
     """Whether a_ij is non-finite, broadcastable to [B, N, T, S]."""
     bad = jnp.zeros((), bool)
-    if args.max_distance is None and args.rel_ids is None:  # dense edges (or none)
+    if args.max_distance is None and args.rel_ids is None and args.scheme is None:  # dense edges (or none)
         for edges in (args.rel_k, args.rel_v):
             if edges is not None:
                 flags = ~jnp.isfinite(edges).all(-1)  # [T, S], [T, S, N] or [B, T, S, N]
@@ -83,6 +84,8 @@ def _bad_relations(args: AttentionArgs, T, S) -> jax.Array:
         return bad
     if args.max_distance is not None:
         ids = relative_position_ids(T, S, args.max_distance, q_offset=args.q_offset)
+    elif args.scheme is not None:
+        ids = args.scheme.ids(T, S, args.q_offset)
     else:
         ids = args.rel_ids
     ids = ids[..., None, :, :]  # [1, T, S] or [B, 1, T, S]

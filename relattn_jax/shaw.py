@@ -38,10 +38,13 @@ _KEY_BLOCK = 64  # keys per block for the tail sums of ``reduce`` (a divisor of 
 def shaw_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
     """Shaw attention with implied ids clip(j - i - q_offset, +-max_distance) + max_distance.
 
+    Grouped k, v (N_kv heads) are repeated to N heads first: an explicit [B, S, N, H] copy each,
+    small beside the [B, N, T, S] logits this path holds; the VJP of the repeat sums back.
+
     Args:
         q: queries [B, T, N, H].
-        k: keys [B, S, N, H].
-        v: values [B, S, N, H].
+        k: keys [B, S, N_kv, H] (N_kv divides N).
+        v: values [B, S, N_kv, H].
         args: the checked arguments of the call, in the Shaw form: tables ``rel_k`` / ``rel_v``
             [R, H] or [R, N, H] with R = 2 * max_distance + 1, ``q_offset`` an int or traced int
             scalar, any mask, no dropout.
@@ -51,7 +54,9 @@ def shaw_attention(q: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs
     """
     if args.dropout_p > 0.0 or args.max_distance is None:
         raise ValueError("the Shaw path takes max_distance and no dropout")
-    T, S = q.shape[1], k.shape[1]
+    T, S, N = q.shape[1], k.shape[1], q.shape[2]
+    if k.shape[2] != N:  # grouped heads: repeated to N (this path's einsums pair heads one to one)
+        k, v = (jnp.repeat(t, N // k.shape[2], axis=2) for t in (k, v))
     off = jnp.asarray(args.q_offset, jnp.int32)
     visible = combine_masks(args.mask, causal_mask(T, S) if args.is_causal else None)
     return _shaw(q, k, v, args.rel_k, args.rel_v, off, visible, args.max_distance, args.scale)

@@ -9,7 +9,8 @@ under ``jax.checkpoint``, and in the Shaw form each block takes its Shaw path.
 Dimension legend as in ``attention.py``: B T S N H R.
 
 The queries are cut into blocks of ``BLOCK_ROWS`` rows. Each block runs the einsum path on its
-rows (its slice of rel_ids / dense edges / mask, its own causal rows and Shaw offset) under
+rows (its slice of rel_ids / dense edges / mask, its own causal rows and offset of the Shaw or
+scheme ids and ALiBi distances) under
 activation checkpointing, so only one block's [B, N, block, S] logits exist at a time, forward
 or backward: peak memory is O(B N block S + B (T + S) N H), linear in S for a fixed block.
 Exact: every query row is computed exactly as in the einsum path.
@@ -34,8 +35,8 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args:
 
     Args:
         q: queries [B, T, N, H].
-        k: keys [B, S, N, H].
-        v: values [B, S, N, H].
+        k: keys [B, S, N_kv, H] (N_kv divides N; grouped heads are read in place by the einsum path).
+        v: values [B, S, N_kv, H].
         args: the checked arguments of the call (``relative_attention`` makes them).
 
     Returns:
@@ -57,11 +58,11 @@ def _block_args(args: AttentionArgs, q_shape, S: int, i0: int, i1: int) -> tuple
     rel_k, rel_v, rel_ids, mask = args.rel_k, args.rel_v, args.rel_ids, args.mask
     if rel_ids is not None:
         rel_ids = rel_ids[..., i0:i1, :]
-    elif args.max_distance is None:  # dense edges: slice their T dim unless it broadcasts
+    elif args.max_distance is None and args.scheme is None:  # dense edges: slice their T dim unless it broadcasts
         rel_k, rel_v = _edge_rows(rel_k, i0, i1), _edge_rows(rel_v, i0, i1)
     if mask is not None and mask.dim() >= 2 and mask.shape[-2] == T:
         mask = mask[..., i0:i1, :]
-    q_offset = None if args.max_distance is None else args.q_offset + i0
+    q_offset = None if args.q_offset is None else args.q_offset + i0  # Shaw / scheme ids, ALiBi distances
     causal_offset = S - T + i0 if args.is_causal else None  # rows i0.. of the bottom-right causal mask
     block_args = replace(args, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, mask=mask, is_causal=False,
                          q_offset=q_offset)

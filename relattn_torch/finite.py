@@ -54,8 +54,8 @@ def poison_rows(out: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atten
     """
     B, T, N, _ = out.shape
     S = k.shape[1]
-    bad_key = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, S, N]
-    bad_key = bad_key.permute(0, 2, 1)[:, :, None, :]  # [B, N, 1, S]
+    bad_key = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, S, N_kv]
+    bad_key = bad_key.permute(0, 2, 1).repeat_interleave(N // max(1, k.shape[2]), 1)[:, :, None, :]  # [B, N, 1, S]
     rows = max(1, min(T, _POISON_CHUNK // max(1, B * N * S)))
     poisoned = []
     for t0 in range(0, T, rows):
@@ -78,13 +78,15 @@ def _mask_rows(mask, t0, t1, T):
 def _bad_relations(args: AttentionArgs, t0, t1, T, S, N, device) -> torch.Tensor:
     """Whether a_ij is non-finite for query rows [t0, t1), broadcastable to [B, N, rows, S]."""
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    if args.max_distance is None and args.rel_ids is None:  # dense edges (or none)
+    if args.max_distance is None and args.rel_ids is None and args.scheme is None:  # dense edges (or none)
         for edges in (args.rel_k, args.rel_v):
             if edges is not None:
                 bad = bad | _edge_rows(~torch.isfinite(edges).all(-1), t0, t1, T)
         return bad
     if args.max_distance is not None:
         ids = relative_position_ids(t1 - t0, S, args.max_distance, q_offset=args.q_offset + t0, device=device)
+    elif args.scheme is not None:
+        ids = args.scheme.ids(t1 - t0, S, args.q_offset + t0, device=device)
     else:
         ids = args.rel_ids[..., t0:t1, :]
     ids = ids.long().unsqueeze(-3)  # [1, rows, S] or [B, 1, rows, S]

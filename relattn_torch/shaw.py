@@ -60,7 +60,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import _spec
+from . import _spec, buckets
 from ._shaw_plan import Band, Plan
 from .einsum import AttentionArgs
 
@@ -98,13 +98,18 @@ _MISSING = None if _flash is not None and _flash_bwd is not None else (
 def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
     """Shaw attention with implied ids clip(j - i - q_offset, +-max_distance) + max_distance, banded.
 
+    A bucket scheme (``args.scheme``) runs as the Shaw form of clip K = ``buckets.shaw_width`` with
+    tables ``table[buckets.shaw_rows(scheme, K)]``: exact, since every id is the bucket of the
+    clipped distance. Grouped k, v (N_kv heads) are repeated to N heads first (an explicit
+    [B, S, N, H] copy each: the fused CPU kernel takes equal head counts).
+
     Args:
         q: queries [B, T, N, H] on CPU, float32, float64, bfloat16 or float16 (half inputs run
             in float32: the fused kernel's per-key gradients in half precision would carry
             their rounding into the table gradients, summed over every key of a tail).
-        k: keys [B, S, N, H].
-        v: values [B, S, N, H].
-        args: the checked arguments of the call, in the Shaw form: tables ``rel_k`` / ``rel_v``
+        k: keys [B, S, N_kv, H] (N_kv divides N).
+        v: values [B, S, N_kv, H].
+        args: the checked arguments of the call, in the Shaw form (or a scheme): tables ``rel_k`` / ``rel_v``
             [R, H] or [R, N, H] with R = 2 * max_distance + 1, an int ``q_offset``, no mask or a
             key-padding mask (one that varies only along B and S, e.g. [B, 1, 1, S]), no
             dropout and, when causal, q_offset + max(max_distance, 1) > S - T (``choice.py``
@@ -115,6 +120,10 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
     """
     B, T, N, H = q.shape
     S = k.shape[1]
+    if k.shape[2] != N:  # grouped heads: repeated here (the fused CPU kernel takes equal heads; autograd sums back)
+        k, v = (t.repeat_interleave(N // k.shape[2], dim=2) for t in (k, v))
+    if args.scheme is not None:
+        args = _as_shaw(args, T, S)
     if (args.mask is not None and not _spec.is_key_padding(tuple(args.mask.shape), T, N)) or args.dropout_p > 0.0 \
             or args.max_distance is None:
         raise ValueError("the banded Shaw path takes max_distance, no mask or a key-padding mask, and no dropout")
@@ -128,6 +137,15 @@ def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Atte
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N * H) // _BAND_BLOCK) * _BAND_BLOCK  # backward rows per chunk
     plan = Plan(T, S, args.q_offset, args.max_distance, S - T if args.is_causal else None, _BAND_BLOCK, chunk)
     return _ShawFunction.apply(q, k, v, args.rel_k, args.rel_v, plan, scale, valid)
+
+
+def _as_shaw(args: AttentionArgs, T: int, S: int) -> AttentionArgs:
+    """A bucket scheme's call as the Shaw form: clip K = shaw_width (lossless for these sizes and this
+    q_offset) and the tables expanded to table[shaw_rows(scheme, K)] (the gather sums their gradients back)."""
+    K = buckets.shaw_width(args.scheme, T, S, args.q_offset)
+    rows = buckets.shaw_rows(args.scheme, K, device=args.rel_k.device if args.rel_k is not None else None)
+    take = lambda t: None if t is None else t[rows]  # noqa: E731
+    return replace(args, rel_k=take(args.rel_k), rel_v=take(args.rel_v), max_distance=K, scheme=None)
 
 
 @dataclass(frozen=True)
