@@ -194,9 +194,10 @@ def test_bucket_masses_and_sums():
     mask = torch.ones(1, 1, 37, 44, dtype=torch.bool)
     mask[..., 4, :] = False
     launch = fused._Launch(K=5, scale=32**-0.5, is_causal=True, interpret=True, config=fused._config(32, q.dtype))
-    qoff = fused._offset_tensor(None, fused._check(q, k, v, rel_k, rel_v, 5, None, mask, None), "cpu")
-    qa = fused._table_product(q, rel_k)
-    o, lse, c = fused._forward(q, k, v, qa, True, qoff, mask, None, launch)
+    tables = dict(rel_k=rel_k, rel_v=rel_v, rel_q=None, rel_bias=None)
+    qoff = fused._offset_tensor(None, fused._check(q, k, v, tables, None, 5, None, mask, None), "cpu")
+    qa = launch.scale * fused._table_product(q, rel_k)
+    o, lse, c = fused._forward(q, k, v, qa, None, True, qoff, mask, None, launch)
     seen = torch.ones(37, dtype=torch.bool)
     seen[4] = False
     sums = c.sum(-1)[0]  # [N, T]
@@ -205,7 +206,7 @@ def test_bucket_masses_and_sums():
     out = o + torch.einsum("BNTR,RH->BTNH", c, rel_v)
     delta = torch.einsum("BTNH,BTNH->BNT", dout, out).contiguous()
     gv = fused._table_product(dout, rel_v)
-    _, e, _, _ = fused._backward(q, k, v, dout, qa, gv, lse, delta, qoff, mask, None, launch)
+    _, e, _, _, _ = fused._backward(q, k, v, dout, qa, None, gv, lse, delta, qoff, mask, None, launch)
     assert e.sum(-1).abs().max() < 1e-5
 
 
@@ -311,19 +312,21 @@ _POINTERS = {"Q": "in", "Kp": "in", "V": "in", "DO": "in", "DK": "in", "DV": "in
              "QOFF": "i32"}
 
 
-def compile_kernel(name, cfg, dtype, arch, K=8):
-    """triton.compile of one kernel with every feature on; returns (shared bytes, spill bytes, registers)."""
+def compile_kernel(name, cfg, dtype, arch, K=8, features=None):
+    """triton.compile of one kernel with every feature on (``features``: flags to override, e.g.
+    {"HAS_QA": False}); returns (shared bytes, spill bytes, registers)."""
     from triton.backends.compiler import GPUTarget
 
     fn = getattr(fused._kernels(False), name)
-    flags = dict(H=cfg.H, HP=cfg.H, R=2 * K + 1, K=K, HAS_QA=True, HAS_C=True, HAS_GV=True, HAS_MASK=True,
+    flags = dict(H=cfg.H, HP=cfg.H, R=2 * K + 1, K=K, HAS_QA=True, HAS_KA=True, HAS_C=True, HAS_GV=True, HAS_MASK=True,
                  HAS_KL=True, IS_CAUSAL=True, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
                  BLOCK_T=cfg.BLOCK_T, BLOCK_S=cfg.BLOCK_S)
+    flags.update(features or {})
     signature, constexprs = {}, {}
     for arg in fn.arg_names:
         if arg in flags:
             signature[arg], constexprs[arg] = "constexpr", flags[arg]
-        elif arg in ("T", "S", "N") or arg[0].islower():
+        elif arg in ("T", "S", "N", "G") or arg[0].islower():
             signature[arg] = "fp32" if arg == "scale" else "i32"
         else:
             kind = _POINTERS.get(arg, "fp32")
@@ -336,11 +339,12 @@ def compile_kernel(name, cfg, dtype, arch, K=8):
 
 
 def compile_report(specs):
-    """compile_kernel for each (kernel name, H, dtype, arch), with H's entry of _CONFIGS."""
+    """compile_kernel for each (kernel name, H, dtype, arch[, features]), with H's entry of _CONFIGS."""
     rows = []
-    for name, H, dtype, arch in specs:
+    for name, H, dtype, arch, *features in specs:
         cfg = next(c for c in _CONFIGS if c.H == H)
-        rows.append([name, list(cfg), dtype, arch, *compile_kernel(name, cfg, dtype, arch)])
+        report = compile_kernel(name, cfg, dtype, arch, features=features[0] if features else None)
+        rows.append([name, list(cfg), dtype, arch, *report])
     return rows
 
 

@@ -1,20 +1,28 @@
-"""Fused Shaw relative attention: one Triton kernel pass forward, two backward (PyTorch).
+"""Fused relative attention: one Triton kernel pass forward, two backward (PyTorch).
 
 Dimension legend (shared with ``relattn_jax/fused.py``):
-    B batch, T query length, S key length, N heads, H head dim, R relation ids.
+    B batch, T query length, S key length, N heads, H head dim, R relation ids; k and v may have
+    N_kv = N / G heads (grouped: query head n reads key/value head n // G).
 
-Ids r_ij = clip(j - i - q_offset, -K, K) + K with K = max_distance and R = 2K + 1. The forward walks
-key tiles of ``BLOCK_S`` columns for each block of ``BLOCK_T`` query rows with an online softmax:
-logits c * (q_i . k_j + qa_i[r_ij]), qa = q . A^K [B, N, T, R] made by one GEMM before the kernel and
-gathered only in tiles that cross the band |j - i - q_offset| < K. Kept per row: max, sum, the output
-accumulator and the masses of the clipped buckets 0 and 2K (rescaled like the accumulator); a band
-bucket holds one key per row, so its mass exp(logit - lse) comes from the logit the kernel writes.
-The value term C @ A^V is added to the float32 output after the kernel. Saved for the backward:
-lse and the bucket masses C [B, N, T, R]. The backward recomputes p from q, k, qa and lse: a row
-pass makes dq and the bucket sums E of ds, a column pass makes dk and dv, and the table gradients
-c * E^T Q and C^T dO are plain reductions. No [B, N, T, S] tensor is ever written and no atomics
-are used. The kernels live in ``_fused_kernels.py``; docs/fused-kernels-torch.md has the measured
-numbers.
+Every scheme runs as the Shaw form: with K = shaw_width(scheme, T, S, q_offset) (K = max_distance
+for ``max_distance``) the ids are r_ij = clip(j - i - q_offset, -K, K) + K over the expanded tables
+``table[shaw_rows(scheme, K)]`` of 2K + 1 rows (exact; the gather's gradient sums back into the
+scheme's rows). The relation terms reach the kernel as two additive logit tables made by small
+GEMMs before it:
+
+    s_ij = c q_i . k_j + QA_i[r_ij] + KA_j[r_ij],  QA = c q . A^K + b [B, N, T, R],  KA = c k . A^Q [B, N, S, R]
+
+The forward walks key tiles of ``BLOCK_S`` columns for each block of ``BLOCK_T`` query rows with
+an online softmax, gathering QA by row and KA by column only in tiles that cross the band
+|j - i - q_offset| < K. Kept per row: max, sum, the output accumulator and the masses of the
+clipped buckets 0 and 2K; a band bucket holds one key per row, so its mass exp(logit - lse) comes
+from the logit the kernel writes. The autograd function returns (o_attn, C), the bucket masses
+[B, N, T, R], and the value term C @ A^V is added after it. Its backward takes dC (= dO . A^V) and
+D = dO . o_attn + sum_r C dC (= dO . the full output), recomputes p: a row pass makes dq and
+E = dQA (row bucket sums of ds), a column pass over each kv head's G query heads makes dk, dv and
+F = dKA (column bucket sums of ds). The table gradients and the q, k parts of the table terms are
+autograd on the einsums around it. No [B, N, T, S] tensor is ever written and no atomics are used.
+The kernels live in ``_fused_kernels.py``; docs/fused-kernels-torch.md has the measured numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from collections import namedtuple
 import torch
 
 from . import _spec
+from .buckets import ShawBuckets, shaw_rows, shaw_width
 
 _Config = namedtuple("Config", "BLOCK_T BLOCK_S num_warps num_stages H")
 BLOCK_T = 32  # query rows per program
@@ -42,6 +51,7 @@ _CONFIGS = (
     _Config(BLOCK_T, BLOCK_S, 8, 1, 256),
 )
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TABLES = ("rel_k", "rel_v", "rel_q", "rel_bias")
 
 
 def unavailable(q: torch.Tensor) -> str | None:
@@ -58,22 +68,30 @@ def unavailable(q: torch.Tensor) -> str | None:
     return _device_reason(q, _interpret_env())
 
 
-def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=None, is_causal=False,
-                    scale=None, mask=None, key_lengths=None, interpret=None) -> torch.Tensor:
-    """Shaw relative attention in fused Triton kernels; equals ``relative_attention`` with ``max_distance``.
+def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=None, scheme=None,
+                    max_distance=None, q_offset=None, is_causal=False, scale=None, mask=None,
+                    key_lengths=None, interpret=None) -> torch.Tensor:
+    """Relative attention in fused Triton kernels; equals ``relative_attention`` with the same arguments.
+
+    Logits e_ij = c (q_i . k_j + q_i . A^K[r_ij] + k_j . A^Q[r_ij]) + b[r_ij, n], output
+    z_i = sum_j softmax(e)_ij (v_j + A^V[r_ij]), with ids r_ij = scheme.bucket(j - i - q_offset).
 
     Args:
         q: queries [B, T, N, H], float32, float16 or bfloat16.
-        k: keys [B, S, N, H], q's dtype.
-        v: values [B, S, N, H], q's dtype.
-        rel_k: key table A^K [R, H] (shared by heads) or [R, N, H], R = 2 * max_distance + 1, or None.
-        rel_v: value table A^V, same forms as ``rel_k``, or None. With neither table the kernel is
-            plain flash attention (masks and causality still apply).
-        max_distance: K; ids are clip(j - i - q_offset, -K, K) + K.
+        k: keys [B, S, N_kv, H], q's dtype; N % N_kv == 0, query head n reads key head n // (N // N_kv).
+        v: values [B, S, N_kv, H], q's dtype.
+        rel_k: key table A^K [R, H] (shared by heads) or [R, N, H], or None.
+        rel_v: value table A^V, same forms as ``rel_k``, or None.
+        rel_q: query-side table A^Q (the k_j . A^Q term), same forms as ``rel_k``, or None.
+        rel_bias: per-head bias table b [R, N] (added after the scale), or None. With no table at
+            all the kernel is plain flash attention (masks and causality still apply).
+        scheme: a ``buckets`` scheme (ShawBuckets, T5Buckets, DebertaBuckets, BertBuckets); every
+            table has ``scheme.num_ids`` rows. Exactly one of ``scheme`` and ``max_distance``.
+        max_distance: K, the same as ``scheme=ShawBuckets(K)``: tables of R = 2K + 1 rows.
         q_offset: position of query 0 among the keys, a Python int or a 0-d integer tensor (read on
             the device, never synchronised); default S - T.
         is_causal: key j is visible to query i iff j <= i + (S - T) (bottom-right aligned).
-        scale: logit scale; default 1 / sqrt(H).
+        scale: logit scale c; default 1 / sqrt(H).
         mask: bool, broadcastable to [B, N, T, S]; True means the query may attend the key. Read
             tile by tile through its strides, never expanded in memory.
         key_lengths: integer [B]; key j is visible iff j < key_lengths[b] (copied to q's device).
@@ -84,57 +102,112 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=N
         [B, T, N, H] in q's dtype (softmax and sums in float32). A query that sees no key returns
         exactly 0, with zero gradients.
     """
-    d = _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths)
+    tables = dict(rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias)
+    d = _check(q, k, v, tables, scheme, max_distance, q_offset, mask, key_lengths)
     interpret = _interpret_env() if interpret is None else bool(interpret)
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("fused_attention needs triton: triton is not installed")
     why = _device_reason(q, interpret)
     if why is not None:
         raise RuntimeError(f"fused_attention cannot run here: {why}")
-    launch = _Launch(
-        K=max_distance, scale=d.H**-0.5 if scale is None else float(scale), is_causal=bool(is_causal),
-        interpret=interpret, config=_config(_padded(d.H), q.dtype),
-    )
+    c = d.H**-0.5 if scale is None else float(scale)
+    K, ak, av, aq, bias = _shaw_form(scheme, max_distance, d, q_offset, tables)
+    launch = _Launch(K=K, scale=c, is_causal=bool(is_causal), interpret=interpret,
+                     config=_config(_padded(d.H), q.dtype))
+    qa = _query_terms(q, ak, bias, c)  # [B, N, T, R] or None
+    ka = None if aq is None else c * _key_table_product(k, aq, d.N)  # [B, N, S, R]
     qoff = _offset_tensor(q_offset, d, q.device)
     kl = None if key_lengths is None else key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
-    return _FusedShaw.apply(q, k, v, rel_k, rel_v, qoff, mask, kl, launch)
+    o, masses = _FusedCore.apply(q, k, v, qa, ka, av is not None, qoff, mask, kl, launch)
+    if av is not None:  # the value term C @ A^V, in float32 before the one rounding
+        o = o + torch.einsum(f"BNTR,{_layout(av)}->BTNH", masses, av)
+    return o.to(q.dtype)
 
 
 _Launch = namedtuple("_Launch", "K scale is_causal interpret config")
 
 
-class _FusedShaw(torch.autograd.Function):
-    """Gradients for q, k, v, rel_k and rel_v; the mask, key lengths and offset have none."""
+def _shaw_form(scheme, max_distance, d, q_offset, tables):
+    """K and the float32 tables A^K, A^V, A^Q, b as Shaw tables of 2K + 1 rows (None where absent).
+
+    ``max_distance`` keeps K = max_distance and the tables as they are; a scheme takes the
+    smallest lossless K and gathers its rows (``_Rows``: its gradient sums back without atomics).
+    """
+    if max_distance is not None:
+        return (max_distance, *(None if tables[n] is None else tables[n].float() for n in _TABLES))
+    K = shaw_width(scheme, d.T, d.S, q_offset)
+    rows = shaw_rows(scheme, K, device=next((t.device for t in tables.values() if t is not None), None))
+    same = isinstance(scheme, ShawBuckets) and K == scheme.max_distance
+    return (K, *(None if tables[n] is None else tables[n].float() if same else _Rows.apply(tables[n].float(), rows)
+                 for n in _TABLES))
+
+
+class _Rows(torch.autograd.Function):
+    """table[rows] along dim 0, with a deterministic backward (one-hot GEMM instead of index_add)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_k, rel_v, qoff, mask, kl, launch):
+    def forward(ctx, table, rows):
+        ctx.save_for_backward(rows)
+        ctx.num_rows = table.shape[0]
+        return table.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        one_hot = (rows[:, None] == torch.arange(ctx.num_rows, device=rows.device)).to(grad.dtype)  # [2K+1, R]
+        return (one_hot.t() @ grad.reshape(grad.shape[0], -1)).reshape(ctx.num_rows, *grad.shape[1:]), None
+
+
+def _query_terms(q, ak, bias, c):
+    """QA = c q . A^K + b as float32 [B, N, T, R], or None without either term."""
+    if ak is None and bias is None:
+        return None
+    B, T, N, _ = q.shape
+    qa = None if ak is None else c * _table_product(q, ak)
+    if bias is not None:
+        b = bias.t()[None, :, None, :]  # [1, N, 1, R]
+        qa = b.expand(B, N, T, bias.shape[0]) if qa is None else qa + b
+    return qa.contiguous()
+
+
+def _key_table_product(k, table, N) -> torch.Tensor:
+    """k . table_r in float32 for every query head: k [B, S, N_kv, H] with [R, H] or [R, N, H] -> [B, N, S, R]."""
+    B, S, N_kv, H = k.shape
+    R, G = table.shape[0], N // N_kv if N_kv else 1
+    if table.dim() == 2:  # the same product for the G heads of a group
+        ka = torch.einsum("BSMH,RH->BMSR", k.float(), table)[:, :, None].expand(B, N_kv, G, S, R)
+    else:  # head n = m G + g reads kv head m
+        ka = torch.einsum("BSMH,RMGH->BMGSR", k.float(), table.reshape(R, N_kv, G, H))
+    return ka.reshape(B, N, S, R).contiguous()
+
+
+class _FusedCore(torch.autograd.Function):
+    """(q, k, v, QA, KA) -> (o_attn float32 [B, T, N, H], C [B, N, T, R] or None); the mask, key
+    lengths and offset have no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, qa, ka, want_c, qoff, mask, kl, launch):
+        ctx.set_materialize_grads(False)
         q, k, v = (x.contiguous() for x in (q, k, v))
-        qa = None if rel_k is None else _table_product(q, rel_k)  # [B, N, T, R]
-        o, lse, c = _forward(q, k, v, qa, rel_v is not None, qoff, mask, kl, launch)
-        if rel_v is not None:
-            o = o + torch.einsum(f"BNTR,{_layout(rel_v)}->BTNH", c, rel_v.float())
-        ctx.save_for_backward(q, k, v, rel_k, rel_v, qa, c, lse, o, qoff, mask, kl)
+        o, lse, c = _forward(q, k, v, qa, ka, want_c, qoff, mask, kl, launch)
+        ctx.save_for_backward(q, k, v, qa, ka, c, lse, o, qoff, mask, kl)
         ctx.launch = launch
-        return o.to(q.dtype)
+        return o, c
 
     @staticmethod
-    def backward(ctx, dout):
-        q, k, v, rel_k, rel_v, qa, c, lse, o, qoff, mask, kl = ctx.saved_tensors
-        launch = ctx.launch
-        dout32 = dout.float()
-        delta = torch.einsum("BTNH,BTNH->BNT", dout32, o).contiguous()  # [B, N, T]
-        gv = None if rel_v is None else _table_product(dout32, rel_v)  # [B, N, T, R]
-        dq, e, dk, dv = _backward(q, k, v, dout.to(q.dtype).contiguous(), qa, gv, lse, delta, qoff, mask, kl, launch)
-        d_rel_k = d_rel_v = None
-        if rel_k is not None:
-            dq = dq + launch.scale * torch.einsum(f"BNTR,{_layout(rel_k)}->BTNH", e, rel_k.float())
-            d_rel_k = (launch.scale * torch.einsum(f"BNTR,BTNH->{_layout(rel_k)}", e, q.float())).to(rel_k.dtype)
-        if rel_v is not None:
-            d_rel_v = torch.einsum(f"BNTR,BTNH->{_layout(rel_v)}", c, dout32).to(rel_v.dtype)
-        return dq.to(q.dtype), dk, dv, d_rel_k, d_rel_v, None, None, None, None
+    def backward(ctx, d_o, d_c):
+        q, k, v, qa, ka, c, lse, o, qoff, mask, kl = ctx.saved_tensors
+        d_o = torch.zeros_like(o) if d_o is None else d_o.float()
+        delta = torch.einsum("BTNH,BTNH->BNT", d_o, o)  # [B, N, T]; D = dO . o over the full output:
+        if d_c is not None:
+            d_c = d_c.float().contiguous()
+            delta = delta + (c * d_c).sum(-1)  # with dC = dO . A^V, sum_r C dC = dO . (C @ A^V)
+        dq, e, dk, dv, f = _backward(q, k, v, d_o.to(q.dtype).contiguous(), qa, ka, d_c, lse,
+                                     delta.contiguous(), qoff, mask, kl, ctx.launch)
+        return dq.to(q.dtype), dk, dv, e, f, None, None, None, None, None
 
 
-def _forward(q, k, v, qa, want_c, qoff, mask, kl, launch):
+def _forward(q, k, v, qa, ka, want_c, qoff, mask, kl, launch):
     """Launch the forward kernel: O [B, T, N, H] float32, lse [B, N, T], C [B, N, T, R] or None."""
     B, T, N, H = q.shape
     K, cfg = launch.K, launch.config
@@ -145,11 +218,11 @@ def _forward(q, k, v, qa, want_c, qoff, mask, kl, launch):
     c = torch.full((B, N, T, R), float("-inf"), **f32) if want_c else None
     if B * N * T == 0:
         return o.zero_(), lse.fill_(float("-inf")), None if c is None else c.zero_()
-    args = _common_args(q, k, v, qa, None, mask, kl, qoff, launch)
+    args = _common_args(q, k, qa, ka, mask, kl, qoff, launch)
     kernels = _kernels(launch.interpret)
     kernels._fwd_kernel[(_cdiv(T, cfg.BLOCK_T), B * N)](
-        q, k, v, _or(qa, qoff), args["mask"], _or(kl, qoff), qoff, o, lse, _or(c, qoff), *args["strides"],
-        T, k.shape[1], N, launch.scale, HAS_C=want_c, **args["constexprs"])
+        q, k, v, _or(qa, qoff), _or(ka, qoff), args["mask"], _or(kl, qoff), qoff, o, lse, _or(c, qoff),
+        *args["strides"], T, k.shape[1], N, args["G"], launch.scale, HAS_C=want_c, **args["constexprs"])
     if want_c:  # band buckets hold logits: their mass is exp(logit - lse); unseen rows get 0
         seen = torch.isfinite(lse)[..., None]  # [B, N, T, 1]
         band = c[..., 1:R - 1]
@@ -157,27 +230,29 @@ def _forward(q, k, v, qa, want_c, qoff, mask, kl, launch):
     return o, lse, c
 
 
-def _backward(q, k, v, dout, qa, gv, lse, delta, qoff, mask, kl, launch):
-    """Row pass (dq without the table term, E) and column pass (dk, dv)."""
+def _backward(q, k, v, dout, qa, ka, dc, lse, delta, qoff, mask, kl, launch):
+    """Row pass (dq without the table term, E = dQA) and column pass (dk, dv, F = dKA)."""
     B, T, N, H = q.shape
     S, cfg = k.shape[1], launch.config
     dq = torch.zeros(B, T, N, H, device=q.device, dtype=torch.float32)
     e = None if qa is None else torch.zeros_like(qa)  # [B, N, T, R]
+    f = None if ka is None else torch.zeros_like(ka)  # [B, N, S, R]
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    args = _common_args(q, k, v, qa, gv, mask, kl, qoff, launch)
+    args = _common_args(q, k, qa, ka, mask, kl, qoff, launch)
     kernels = _kernels(launch.interpret)
-    shared = (q, k, v, dout, _or(qa, qoff), _or(gv, qoff), lse, delta, args["mask"], _or(kl, qoff), qoff)
-    tail = (*args["strides"], T, S, N, launch.scale)
+    shared = (q, k, v, dout, _or(qa, qoff), _or(ka, qoff), _or(dc, qoff), lse, delta, args["mask"],
+              _or(kl, qoff), qoff)
+    tail = (*args["strides"], T, S, N, args["G"], launch.scale)
     if B * N * T > 0 and S > 0:
         kernels._bwd_rows_kernel[(_cdiv(T, cfg.BLOCK_T), B * N)](
-            *shared, dq, _or(e, qoff), *tail, HAS_GV=gv is not None, **args["constexprs"])
-        kernels._bwd_cols_kernel[(_cdiv(S, cfg.BLOCK_S), B * N)](
-            *shared, dk, dv, *tail, HAS_GV=gv is not None, **args["constexprs"])
-    return dq, e, dk, dv
+            *shared, dq, _or(e, qoff), *tail, HAS_GV=dc is not None, **args["constexprs"])
+        kernels._bwd_cols_kernel[(_cdiv(S, cfg.BLOCK_S), B * k.shape[2])](
+            *shared, dk, dv, _or(f, qoff), *tail, HAS_GV=dc is not None, **args["constexprs"])
+    return dq, e, dk, dv, f
 
 
-def _common_args(q, k, v, qa, gv, mask, kl, qoff, launch):
-    """Strides of q-like, k-like and mask tensors, the mask view, and the shared constexprs."""
+def _common_args(q, k, qa, ka, mask, kl, qoff, launch):
+    """Strides of q-like, k-like and mask tensors, the mask view, the group size and the constexprs."""
     B, T, N, H = q.shape
     cfg = launch.config
     if mask is None:
@@ -186,26 +261,23 @@ def _common_args(q, k, v, qa, gv, mask, kl, qoff, launch):
         full = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, N, T, k.shape[1])
         mask_view, mask_strides = full.view(torch.uint8), full.stride()
     constexprs = dict(
-        H=H, HP=cfg.H, R=2 * launch.K + 1, K=launch.K, HAS_QA=qa is not None, HAS_MASK=mask is not None,
-        HAS_KL=kl is not None, IS_CAUSAL=launch.is_causal, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        H=H, HP=cfg.H, R=2 * launch.K + 1, K=launch.K, HAS_QA=qa is not None, HAS_KA=ka is not None,
+        HAS_MASK=mask is not None, HAS_KL=kl is not None, IS_CAUSAL=launch.is_causal,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_T=cfg.BLOCK_T, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *mask_strides)
-    return dict(mask=mask_view, strides=strides, constexprs=constexprs)
+    return dict(mask=mask_view, strides=strides, constexprs=constexprs, G=N // k.shape[2] if k.shape[2] else 1)
 
 
-def _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths) -> _spec.Dims:
+def _check(q, k, v, tables, scheme, max_distance, q_offset, mask, key_lengths) -> _spec.Dims:
     """Shapes, dtypes and devices of the arguments, with errors that name the argument."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"fused_attention supports float32, float16 and bfloat16; q has dtype {q.dtype}")
-    named = [("q", q), ("k", k), ("v", v), ("rel_k", rel_k), ("rel_v", rel_v)]
-    named = [(name, x) for name, x in named if x is not None]
+    named = [("q", q), ("k", k), ("v", v)] + [(n, tables[n]) for n in _TABLES if tables[n] is not None]
     _spec.check_float_dtypes([(name, x.dtype) for name, x in named], lambda dt: dt.is_floating_point)
-    d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    if rel_k is None and rel_v is None:  # plain attention; max_distance only has to be valid
-        _spec.check_positions(d.T, d.S, max_distance)
-    else:
-        _spec.check_shaw(_shape(rel_k), _shape(rel_v), False, max_distance, q_offset is not None, d)
+    d = _check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    _check_tables(tables, scheme, max_distance, q_offset, d)
     if _padded(d.H) > max(c.H for c in _CONFIGS):
         raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in _CONFIGS)}, got H = {d.H}")
     # key_lengths and a tensor q_offset are small and may live on the host; they are copied over.
@@ -223,6 +295,52 @@ def _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths) -> 
             raise ValueError(f"key_lengths must be [B] = [{d.B}], got shape {_spec.fmt(key_lengths.shape)}")
     _check_offset(q_offset)
     return d
+
+
+def _check_qkv(q_shape, k_shape, v_shape) -> _spec.Dims:
+    """q [B, T, N, H], k and v [B, S, N_kv, H] with N % N_kv == 0 (grouped heads)."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have 4 dims {'[B, T, N, H]' if name == 'q' else '[B, S, N_kv, H]'}, "
+                             f"got shape {_spec.fmt(shape)}")
+    B, T, N, H = q_shape
+    if k_shape != v_shape:
+        raise ValueError(f"k and v must have the same shape [B, S, N_kv, H], got k {_spec.fmt(k_shape)} "
+                         f"and v {_spec.fmt(v_shape)}")
+    Bk, S, N_kv, Hk = k_shape
+    if (Bk, Hk) != (B, H) or (N_kv != N and (N_kv < 1 or N % N_kv)):
+        raise ValueError(f"k must be [B, S, N_kv, H] = [{B}, S, N_kv, {H}] with N = {N} a multiple of N_kv "
+                         f"(query head n reads kv head n // (N // N_kv)) to match q {_spec.fmt(q_shape)}, "
+                         f"got {_spec.fmt(k_shape)}")
+    return _spec.Dims(B, T, S, N, H)
+
+
+def _check_tables(tables, scheme, max_distance, q_offset, d) -> None:
+    """Exactly one of scheme / max_distance; every table [R, H] or [R, N, H] (rel_bias [R, N]) with
+    R = scheme.num_ids (2 * max_distance + 1)."""
+    if (scheme is None) == (max_distance is None):
+        raise ValueError("fused_attention needs exactly one of scheme= (a buckets scheme) and max_distance= "
+                         f"(= scheme=ShawBuckets(max_distance)), got scheme={scheme!r}, max_distance={max_distance!r}")
+    shapes = {n: None if t is None else tuple(t.shape) for n, t in tables.items()}
+    _spec.check_query_terms(shapes["rel_q"], shapes["rel_bias"], True, d)
+    if max_distance is not None:
+        if all(s is None for s in shapes.values()):  # plain attention; max_distance only has to be valid
+            _spec.check_positions(d.T, d.S, max_distance)
+        else:
+            _spec.check_shaw(shapes["rel_k"], shapes["rel_v"], False, max_distance, q_offset is not None, d,
+                             shapes["rel_q"], shapes["rel_bias"])
+        return
+    if not callable(getattr(scheme, "bucket", None)) or not isinstance(getattr(scheme, "num_ids", None), int):
+        raise TypeError(f"scheme must be a relattn_torch.buckets scheme (ShawBuckets, T5Buckets, DebertaBuckets, "
+                        f"BertBuckets), got {type(scheme).__name__}")
+    for name, shape in shapes.items():
+        if shape is None:
+            continue
+        if name in ("rel_k", "rel_v"):
+            _spec.table_layout(name, shape, d)
+        if shape[0] != scheme.num_ids:
+            raise ValueError(f"{name} must have R = scheme.num_ids = {scheme.num_ids} rows for {scheme!r}, "
+                             f"got shape {_spec.fmt(shape)}")
 
 
 def _check_offset(q_offset) -> None:
@@ -245,10 +363,6 @@ def _offset_tensor(q_offset, d, device) -> torch.Tensor:
 
 def _is_int(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
-
-
-def _shape(x):
-    return None if x is None else tuple(x.shape)
 
 
 def _table_product(x, table) -> torch.Tensor:
