@@ -1,6 +1,7 @@
 """A key/value cache for autoregressive decoding with relative positions (JAX).
 
-The cache is a pytree of fixed-size buffers k, v [B, S, N, H] (S = max_length) and
+The cache is a pytree of fixed-size buffers k, v [B, S, N_kv, H] (S = max_length; N_kv the
+key/value heads, fewer than the query heads when they are grouped) and
 the number of positions already written, ``length``, as an int32 scalar array.
 Every decode step sees the same shapes and dtypes, so a jitted step (or the body of
 a ``jax.lax.scan``/``fori_loop``) is traced and compiled once and never again as the
@@ -32,8 +33,8 @@ class KVCache:
     """Keys and values of the positions seen so far (a pytree).
 
     Attributes:
-        k: keys [B, S, N, H], S = max_length; slots >= length hold stale data.
-        v: values [B, S, N, H].
+        k: keys [B, S, N_kv, H], S = max_length; slots >= length hold stale data.
+        v: values [B, S, N_kv, H].
         length: int32 scalar array, the number of positions written.
         checked: static (not a pytree leaf): check for overflow inside ``jit`` too
             (see ``update_kv_cache``).
@@ -77,7 +78,7 @@ def init_kv_cache(
 
 
 def update_kv_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCache:
-    """Write k_new, v_new [B, T, N, H] at positions [length, length + T).
+    """Write k_new, v_new [B, T, N_kv, H] at positions [length, length + T).
 
     Raises ValueError on overflow (length + T > max_length) when the length is
     concrete (eager mode). Under ``jit``/``scan`` the length is traced, so by default
@@ -98,18 +99,22 @@ def update_kv_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCac
     return KVCache(k, v, (cache.length + k_new.shape[1]).astype(jnp.int32), cache.checked)
 
 
-def attend_cache(cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.Array | None):
-    """Append k_new, v_new [B, T, N, H] and return what attention over the cache needs.
+def attend_cache(
+    cache: KVCache, k_new: jax.Array, v_new: jax.Array, mask: jax.Array | None, *, num_heads: int | None = None
+):
+    """Append k_new, v_new [B, T, N_kv, H] and return what attention over the cache needs.
+
+    ``num_heads``: the query heads N that ``mask`` may carry (default N_kv: no grouped heads).
 
     Returns:
-        (k, v, mask, q_offset, new_cache): the buffers k, v [B, S, N, H]; the bool
+        (k, v, mask, q_offset, new_cache): the buffers k, v [B, S, N_kv, H]; the bool
         mask (user mask AND j <= i + q_offset) broadcastable to [B, N, T, S]; the
         position of the first new query, q_offset = the old length (scalar array);
         and the updated cache.
     """
     _check_type(cache)
     if mask is not None:  # before the causal mask is combined in: a wrong mask must not fail in there
-        mask = _check_mask(mask, k_new.shape, cache.max_length)
+        mask = _check_mask(mask, k_new.shape, cache.max_length, num_heads)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset)  # [T, S]
@@ -121,13 +126,13 @@ def _check_room(length, *, new: int, max_length: int) -> None:
     _cache_spec.check_cache_room(int(length), new, max_length)
 
 
-def _check_mask(mask, new_shape, max_length: int) -> jax.Array:
+def _check_mask(mask, new_shape, max_length: int, num_heads: int | None = None) -> jax.Array:
     """A bool array that broadcasts to [B, N, T, max_length] (messages as ``relative_attention``'s)."""
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be a bool array (True = may attend), got dtype {mask.dtype}")
-    B, T, N, _ = new_shape
-    _cache_spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
+    B, T, N_kv, _ = new_shape
+    _cache_spec.check_cache_mask(tuple(mask.shape), B, N_kv if num_heads is None else num_heads, T, max_length)
     return mask
 
 

@@ -3,9 +3,16 @@
 Parameter names and layouts are identical in ``relattn_torch.modules`` (they are the
 names in the weight file):
 
-    w_q, w_k, w_v  [E, N, H]    input projections      b_q, b_k, b_v  [N, H]
-    w_o            [N, H, E]    output projection      b_o            [E]
-    rel_k, rel_v   [R, H] or [R, N, H], R = 2 * max_distance + 1 (Shaw tables)
+    w_q            [E, N, H]       query projection       b_q            [N, H]
+    w_k, w_v       [E, N_kv, H]    key/value projections  b_k, b_v       [N_kv, H]
+    w_o            [N, H, E]       output projection      b_o            [E]
+    rel_k, rel_v   [R, H] or [R, N, H]   key / value tables a^K, a^V
+    rel_kv         [R, H] or [R, N, H]   one table for both (``shared_relative_table``)
+    rel_q          [R, H] or [R, N, H]   query-side table a^Q (``relative_queries``)
+    rel_bias       [R, N]                per-head bias b (``relative_bias``)
+
+R = scheme.num_ids (2 * max_distance + 1 for the default Shaw ids); N_kv = num_kv_heads (N unless
+the key/value heads are grouped).
 """
 
 from __future__ import annotations
@@ -16,26 +23,47 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _cache_spec, _spec
+from . import _cache_spec, _module_spec, _spec
 from .attention import _arrays, relative_attention
+from .buckets import ShawBuckets, _Scheme
 from .cache import KVCache, attend_cache, init_kv_cache
+
+_DEFAULT_MAX_DISTANCE = 16
 
 
 class RelativeMultiHeadAttention(nnx.Module):
-    """Multi-head attention with Shaw-style clipped relative positions.
+    """Multi-head attention with relative positions (Shaw, T5, DeBERTa or BERT ids).
+
+    The logits of query i, key j in head n (r = scheme id of the pair, kv = n // (N // N_kv)):
+        e = scale * (q_i . k_j + q_i . a^K[r] + k_j . a^Q[r]) + b[r, n] - m_n |j - i - q_offset|
+        z_i = sum_j softmax(e)_ij (v_j + a^V[r])
 
     Args:
         embed_dim: model width E of inputs and output.
-        num_heads: number of heads N.
+        num_heads: number of query heads N.
         head_dim: per-head width H; default embed_dim // num_heads.
-        max_distance: clipping distance k; the tables have 2k + 1 rows.
+        max_distance: the Shaw shorthand: ``scheme=ShawBuckets(max_distance)``, tables of 2k + 1
+            rows; default 16 when ``scheme`` is None too. Excludes ``scheme``.
         relative_keys: learn a key-side table a^K.
         relative_values: learn a value-side table a^V.
-        share_relative_heads: one table row [H] for all heads, else per head [N, H].
+        share_relative_heads: one table row [H] for all heads, else per head [N, H] (a^K, a^V, a^Q).
         bias: biases on the four projections.
         dropout: dropout on the attention weights; active unless ``deterministic``
             (``module.eval()`` sets it), drawing keys from ``rngs.dropout``.
         scale: logit scale; default 1 / sqrt(head_dim).
+        scheme: a bucket scheme (``ShawBuckets``, ``T5Buckets``, ``DebertaBuckets``,
+            ``BertBuckets``): the ids of every table, R = scheme.num_ids rows.
+        relative_queries: learn a query-side table a^Q (``rel_q``; BERT relative_key_query,
+            DeBERTa position-to-content).
+        relative_bias: learn a per-head scalar bias table b [R, N] (``rel_bias``; T5).
+        num_kv_heads: N_kv key/value heads (grouped-query attention); N % N_kv == 0, query
+            head n reads key/value head n // (N // N_kv). Default N.
+        shared_relative_table: one table ``rel_kv`` serves keys and values (OpenNMT-py), so
+            training updates one parameter (its gradient is the sum of both uses); needs
+            ``relative_keys`` and ``relative_values``.
+        alibi_slopes: None, True (the ALiBi paper's slopes for N heads) or N floats m_n: adds
+            -m_n |j - i - q_offset| to the logits. Fixed, not a parameter (the weight file
+            records them).
         dtype: compute dtype; default the promoted dtype of inputs and parameters.
         param_dtype: parameter dtype (float32).
         deterministic: default for the call argument of the same name.
@@ -48,36 +76,49 @@ class RelativeMultiHeadAttention(nnx.Module):
         num_heads: int,
         *,
         head_dim: int | None = None,
-        max_distance: int = 16,
+        max_distance: int | None = None,
         relative_keys: bool = True,
         relative_values: bool = True,
         share_relative_heads: bool = True,
         bias: bool = True,
         dropout: float = 0.0,
         scale: float | None = None,
+        scheme: _Scheme | None = None,
+        relative_queries: bool = False,
+        relative_bias: bool = False,
+        num_kv_heads: int | None = None,
+        shared_relative_table: bool = False,
+        alibi_slopes=None,
         dtype=None,
         param_dtype=jnp.float32,
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
         head_dim = _spec.check_heads(embed_dim, num_heads, head_dim)
-        _spec.check_positions(0, 0, max_distance)
         _spec.check_dropout(dropout)
+        self.scheme = _resolve_scheme(scheme, max_distance)
+        _module_spec.check_flags(relative_queries=relative_queries, relative_bias=relative_bias,
+                                 shared_relative_table=shared_relative_table)
+        _module_spec.check_shared_table(shared_relative_table, relative_keys, relative_values)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.max_distance, self.dropout, self.scale = max_distance, dropout, scale
+        self.num_kv_heads = _module_spec.check_kv_heads(num_heads, num_kv_heads)
+        self.alibi_slopes = _module_spec.check_alibi_slopes(alibi_slopes, num_heads)
+        self.max_distance = self.scheme.max_distance if isinstance(self.scheme, ShawBuckets) else None
+        self.dropout, self.scale = dropout, scale
         self.dtype, self.param_dtype, self.deterministic = dtype, param_dtype, deterministic
-        E, N, H = embed_dim, num_heads, head_dim
+        E, N, N_kv, H, R = embed_dim, num_heads, self.num_kv_heads, head_dim, self.scheme.num_ids
         self.w_q = _normal(rngs, (E, N, H), 1 / math.sqrt(E), param_dtype)
-        self.w_k = _normal(rngs, (E, N, H), 1 / math.sqrt(E), param_dtype)
-        self.w_v = _normal(rngs, (E, N, H), 1 / math.sqrt(E), param_dtype)
+        self.w_k = _normal(rngs, (E, N_kv, H), 1 / math.sqrt(E), param_dtype)
+        self.w_v = _normal(rngs, (E, N_kv, H), 1 / math.sqrt(E), param_dtype)
         self.w_o = _normal(rngs, (N, H, E), 1 / math.sqrt(N * H), param_dtype)
         self.b_q = nnx.Param(jnp.zeros((N, H), param_dtype)) if bias else None
-        self.b_k = nnx.Param(jnp.zeros((N, H), param_dtype)) if bias else None
-        self.b_v = nnx.Param(jnp.zeros((N, H), param_dtype)) if bias else None
+        self.b_k = nnx.Param(jnp.zeros((N_kv, H), param_dtype)) if bias else None
+        self.b_v = nnx.Param(jnp.zeros((N_kv, H), param_dtype)) if bias else None
         self.b_o = nnx.Param(jnp.zeros((E,), param_dtype)) if bias else None
-        table = (2 * max_distance + 1, H) if share_relative_heads else (2 * max_distance + 1, N, H)
-        self.rel_k = _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if relative_keys else None
-        self.rel_v = _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if relative_values else None
+        table = (R, H) if share_relative_heads else (R, N, H)
+        for name, on in _table_names(relative_keys, relative_values, shared_relative_table, relative_queries):
+            setattr(self, name, _normal(rngs, table, 1 / math.sqrt(H), param_dtype) if on else None)
+        self.rel_bias = _normal(rngs, (R, N), 1 / math.sqrt(H), param_dtype) if relative_bias else None
         self.rngs = rngs.dropout.fork() if dropout > 0 and hasattr(rngs, "dropout") else None
 
     def __call__(
@@ -101,16 +142,17 @@ class RelativeMultiHeadAttention(nnx.Module):
             value: [B, S, E]; default ``key``.
             mask: bool, broadcastable to [B, N, T, S]; True = may attend.
             is_causal: key j visible to query i iff j <= i + (S - T).
-            q_offset: position of query 0 among the keys for the relative ids;
-                default S - T (the queries are the last T key positions, matching
-                ``is_causal``; 0 for self-attention).
+            q_offset: position of query 0 among the keys for the relative ids (int or 0-d
+                int array, may be traced); default S - T (the queries are the last T key
+                positions, matching ``is_causal``; 0 for self-attention).
             deterministic: disable dropout; default the module's attribute.
             rngs: dropout keys for this call; default the module's own stream.
             cache: a ``KVCache`` from ``init_cache`` (self-attention only, key, value
-                and q_offset must be None). The keys/values of ``query`` are appended at
-                positions [length, length + T) and the queries attend causally over
-                the whole cache with q_offset = length. ``mask`` then covers the
-                buffer, S = max_length (e.g. a per-sequence padding mask).
+                and q_offset must be None), buffers [B, max_length, N_kv, H]. The keys/values
+                of ``query`` are appended at positions [length, length + T) and the queries
+                attend causally over the whole cache with q_offset = length (the scheme's ids
+                and the ALiBi distances too). ``mask`` then covers the buffer, S = max_length
+                (e.g. a per-sequence padding mask).
 
         Returns:
             [B, T, E]; with a cache, ``(out [B, T, E], new_cache)``.
@@ -128,32 +170,110 @@ class RelativeMultiHeadAttention(nnx.Module):
         if mask is not None and cache is None:
             query, key, value = _zero_unseen(mask, query, key, value, self.num_heads)
         q = _project(query, self.w_q, self.b_q, dtype)  # [B, T, N, H]
-        k = _project(key, self.w_k, self.b_k, dtype)  # [B, S, N, H]
-        v = _project(value, self.w_v, self.b_v, dtype)  # [B, S, N, H]
-        if cache is not None:  # k, v become the buffers [B, max_length, N, H]
-            k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask)
-        T, S = q.shape[1], k.shape[1]
-        shaw = self.rel_k is not None or self.rel_v is not None  # Shaw ids as max_distance/q_offset
-        offset = (S - T if q_offset is None else q_offset) if shaw else None
+        k = _project(key, self.w_k, self.b_k, dtype)  # [B, S, N_kv, H]
+        v = _project(value, self.w_v, self.b_v, dtype)  # [B, S, N_kv, H]
+        if cache is not None:  # k, v become the buffers [B, max_length, N_kv, H]
+            k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask, num_heads=self.num_heads)
         dropout_p, dropout_rng = _dropout(self.dropout, self.deterministic, deterministic, self.rngs, rngs)
         z = relative_attention(  # "auto" may pick the banded Shaw path
-            q, k, v, _value(self.rel_k, dtype), _value(self.rel_v, dtype), mask=mask,
-            is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
-            max_distance=self.max_distance if shaw else None, q_offset=offset,
+            q, *_expand_kv(k, v, self.num_heads), **self._relative_terms(q.shape[1], k.shape[1], q_offset, dtype),
+            mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
         )  # [B, T, N, H]
         out = jnp.einsum("BTNH,NHE->BTE", z, _value(self.w_o, dtype))
         out = out if self.b_o is None else out + _value(self.b_o, dtype)
         return out if cache is None else (out, cache)
 
     def init_cache(self, batch_size: int, max_length: int, *, dtype=None, checked: bool = False) -> KVCache:
-        """An empty ``KVCache`` for ``__call__(x, cache=...)``: buffers [B, max_length, N, H].
+        """An empty ``KVCache`` for ``__call__(x, cache=...)``: buffers [B, max_length, N_kv, H].
 
         dtype defaults to the compute dtype (``dtype``, else ``param_dtype``); it must
         equal the dtype the keys are computed in. ``checked=True``: overflow is checked
         inside ``jit`` too (see ``update_kv_cache``).
         """
         dtype = (self.dtype or self.param_dtype) if dtype is None else dtype
-        return init_kv_cache(batch_size, max_length, self.num_heads, self.head_dim, dtype=dtype, checked=checked)
+        return init_kv_cache(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype=dtype, checked=checked)
+
+    def _all_tables(self):
+        return tuple(getattr(self, n) for n in _TABLES)
+
+    def _tables(self):
+        return [t for t in self._all_tables() if t is not None]
+
+    def _relative_terms(self, T: int, S: int, q_offset, dtype) -> dict:
+        """relative_attention's table and position arguments for T queries over S keys.
+
+        The Shaw scheme goes by max_distance (its fast paths); any other scheme (and ALiBi, until
+        relative_attention takes alibi_slopes) by the scheme's ids, with q_offset default S - T.
+        """
+        rel_kv = _value(self.rel_kv, dtype)
+        terms = dict(rel_k=_value(self.rel_k, dtype) if rel_kv is None else rel_kv,
+                     rel_v=_value(self.rel_v, dtype) if rel_kv is None else rel_kv,
+                     rel_q=_value(self.rel_q, dtype), rel_bias=_value(self.rel_bias, dtype))
+        if not self._tables() and self.alibi_slopes is None:
+            return terms
+        offset = S - T if q_offset is None else q_offset
+        if self.alibi_slopes is not None:
+            return _alibi_terms(self.scheme, self.alibi_slopes, terms, T, S, offset, dtype)
+        if isinstance(self.scheme, ShawBuckets):
+            return {**terms, "max_distance": self.scheme.max_distance, "q_offset": offset}
+        return {**terms, "rel_ids": self.scheme.ids(T, S, offset)}
+
+    def _weight_record(self) -> dict:
+        """The options the weight file records for this layer ({} for today's layers), see ``weights.py``."""
+        has_ids = bool(self._tables())
+        return _module_spec.option_record(
+            scheme_repr=repr(self.scheme) if has_ids and not isinstance(self.scheme, ShawBuckets) else None,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, relative_queries=self.rel_q is not None,
+            relative_bias=self.rel_bias is not None, shared_relative_table=self.rel_kv is not None,
+            alibi=self.alibi_slopes,
+        )
+
+
+# The relation tables in parameter order (the weight-file names).
+_TABLES = ("rel_k", "rel_v", "rel_kv", "rel_q", "rel_bias")
+
+
+def _table_names(relative_keys, relative_values, shared, relative_queries):
+    """(name, present) of the [R, (N,) H] tables in creation order (the initialisers draw in it)."""
+    return (("rel_k", relative_keys and not shared), ("rel_v", relative_values and not shared),
+            ("rel_kv", shared), ("rel_q", relative_queries))
+
+
+def _resolve_scheme(scheme, max_distance) -> _Scheme:
+    """The layer's bucket scheme: ``scheme``, or ShawBuckets(max_distance) (default 16)."""
+    _module_spec.check_scheme_args(scheme is not None, max_distance)
+    if scheme is None:
+        max_distance = _DEFAULT_MAX_DISTANCE if max_distance is None else max_distance
+        _spec.check_positions(0, 0, max_distance)
+        return ShawBuckets(max_distance)
+    if not isinstance(scheme, _Scheme):
+        raise TypeError("scheme must be ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
+                        f"got {type(scheme).__name__}")
+    return scheme
+
+
+def _expand_kv(k: jax.Array, v: jax.Array, num_heads: int):
+    """k, v [B, S, N_kv, H] -> [B, S, N, H]: query head n reads key/value head n // G (HF repeat_kv)."""
+    G = num_heads // k.shape[2]
+    return (k, v) if G == 1 else (jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2))
+
+
+def _alibi_terms(scheme, slopes, terms: dict, T: int, S: int, offset, dtype) -> dict:
+    """ALiBi through the id form: ids pair the scheme's id r with the distance d = j - i - offset as
+    r * W + (clip(d, -K, K) + K), W = 2K + 1, K >= every |d|; the tables' rows repeat W times and
+    the bias table adds -m_n |d|. Exact (the gather's backward sums into the scheme's rows)."""
+    rel = jnp.arange(S)[None, :] - jnp.arange(T)[:, None] - jnp.asarray(offset)  # [T, S]
+    K = T + S if isinstance(offset, jax.Array) else max(1, T + S + abs(int(offset)))
+    W = 2 * K + 1
+    r = scheme.bucket(rel.astype(jnp.int32))  # [T, S]
+    ids = r * W + jnp.clip(rel, -K, K).astype(jnp.int32) + K
+    m = jnp.asarray(slopes, dtype)  # [N]
+    dist = jnp.abs(jnp.arange(-K, K + 1)).astype(dtype)  # [W]
+    alibi = -dist[:, None] * m[None, :]  # [W, N]
+    out = {n: None if t is None else jnp.repeat(t, W, axis=0) for n, t in terms.items()}
+    bias = jnp.tile(alibi, (scheme.num_ids, 1))  # [R * W, N]
+    out["rel_bias"] = bias if out["rel_bias"] is None else out["rel_bias"] + bias
+    return {**out, "rel_ids": ids}
 
 
 class RelationAwareAttention(nnx.Module):

@@ -1,6 +1,7 @@
 """A key/value cache for autoregressive decoding with relative positions (PyTorch).
 
-The cache holds fixed-size buffers k, v [B, S, N, H] (S = max_length) and the
+The cache holds fixed-size buffers k, v [B, S, N_kv, H] (S = max_length; N_kv the
+key/value heads, fewer than the query heads when they are grouped) and the
 number of positions already written, ``length``, as a 0-d int64 tensor. Keeping
 ``length`` a tensor (not a Python int) means ``torch.compile`` sees the same
 shapes and no changing constant at every step, so a compiled decode step compiles
@@ -29,8 +30,8 @@ class KVCache:
     """Keys and values of the positions seen so far.
 
     Attributes:
-        k: keys [B, S, N, H], S = max_length; slots >= length hold stale data.
-        v: values [B, S, N, H].
+        k: keys [B, S, N_kv, H], S = max_length; slots >= length hold stale data.
+        v: values [B, S, N_kv, H].
         length: 0-d int64 tensor, the number of positions written.
 
     ``checked`` (static, set by ``init_kv_cache``) asks for the overflow check inside a
@@ -78,7 +79,7 @@ def init_kv_cache(
 
 
 def update_kv_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
-    """Write k_new, v_new [B, T, N, H] at positions [length, length + T).
+    """Write k_new, v_new [B, T, N_kv, H] at positions [length, length + T).
 
     Raises ValueError on overflow (length + T > max_length) in eager mode. Under
     ``torch.compile`` the length is not read on the host, so by default there is no
@@ -102,32 +103,36 @@ def update_kv_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) ->
     return KVCache(k, v, cache.length + T, cache.checked)
 
 
-def attend_cache(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None):
-    """Append k_new, v_new [B, T, N, H] and return what attention over the cache needs.
+def attend_cache(
+    cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None, *, num_heads: int | None = None
+):
+    """Append k_new, v_new [B, T, N_kv, H] and return what attention over the cache needs.
+
+    ``num_heads``: the query heads N that ``mask`` may carry (default N_kv: no grouped heads).
 
     Returns:
-        (k, v, mask, q_offset, new_cache): the buffers k, v [B, S, N, H]; the bool
+        (k, v, mask, q_offset, new_cache): the buffers k, v [B, S, N_kv, H]; the bool
         mask (user mask AND j <= i + q_offset) broadcastable to [B, N, T, S]; the
         position of the first new query, q_offset = the old length (0-d tensor); and
         the updated cache.
     """
     _check_type(cache)
     if mask is not None:  # before the causal mask is combined in: a wrong mask must not fail in there
-        _check_mask(mask, k_new.shape, cache.max_length)
+        _check_mask(mask, k_new.shape, cache.max_length, num_heads)
     offset = cache.length
     new = update_kv_cache(cache, k_new, v_new)
     visible = causal_mask(k_new.shape[1], cache.max_length, q_offset=offset, device=cache.k.device)  # [T, S]
     return new.k, new.v, combine_masks(mask, visible), offset, new
 
 
-def _check_mask(mask, new_shape, max_length: int) -> None:
+def _check_mask(mask, new_shape, max_length: int, num_heads: int | None = None) -> None:
     """A bool tensor that broadcasts to [B, N, T, max_length] (messages as ``relative_attention``'s)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__module__}.{type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
-    B, T, N, _ = new_shape
-    _cache_spec.check_cache_mask(tuple(mask.shape), B, N, T, max_length)
+    B, T, N_kv, _ = new_shape
+    _cache_spec.check_cache_mask(tuple(mask.shape), B, N_kv if num_heads is None else num_heads, T, max_length)
 
 
 def _check_type(cache) -> None:
