@@ -7,7 +7,9 @@ Tensors travel as {name: (safetensors dtype name, shape, bytes)}.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import sys
 from typing import NamedTuple
 
@@ -17,6 +19,10 @@ import safetensors
 # One key only: the serializer keeps metadata in a hash map, so two keys would come
 # out in a per-process random order and break byte-identical files.
 METADATA = {"format": "relattn-v1"}
+# A file whose attention layers use options beyond names and shapes (a bucket scheme, grouped
+# key/value heads, a^Q, a bias table, one shared table, ALiBi) says so in that one value:
+# "relattn-v1; attention=" + sorted compact JSON {layer name: {option: value}}.
+_RECORD_SEP = "; attention="
 # The safetensors dtypes a parameter may be stored in (parameters are floating).
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Each floating dtype's bits as an unsigned int and its exponent field: all ones is Inf or NaN.
@@ -40,15 +46,61 @@ class LoadResult(NamedTuple):
     mismatched: list[Mismatch]  # same name, wrong shape or non-floating dtype
 
 
-def write(arrays: dict, path) -> None:
-    """Serialize {name: (dtype name, shape, uint8 array)} and write it atomically."""
+def metadata(records: dict) -> dict:
+    """The file's metadata: ``METADATA``, with the layers' option records when any is not empty."""
+    records = {name: r for name, r in records.items() if r}
+    if not records:
+        return METADATA
+    text = json.dumps(records, sort_keys=True, separators=(",", ":"))
+    return {"format": METADATA["format"] + _RECORD_SEP + text}
+
+
+def read_records(path) -> dict:
+    """{layer name: option record} written by ``metadata`` ({} for a file without any, e.g. an older one)."""
+    with open(os.fspath(path), "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        try:
+            header = json.loads(f.read(size)) if 0 < size < 1 << 27 else {}
+        except ValueError:
+            header = {}
+    value = header.get("__metadata__", {}).get("format", "") if isinstance(header, dict) else ""
+    _, sep, text = value.partition(_RECORD_SEP) if isinstance(value, str) else ("", "", "")
+    return json.loads(text) if sep else {}
+
+
+def check_records(path, module_records: dict, file_records: dict) -> None:
+    """Every attention layer of the module must have the options its layer in the file was saved
+    with (names and shapes cannot tell a T5 table from a Shaw one of as many rows, or a causal
+    scheme from a bidirectional one); one ValueError naming each layer and option otherwise."""
+    lines = []
+    for layer in sorted(module_records):
+        want, got = module_records[layer], file_records.get(layer, {})
+        for option in sorted(set(want) | set(got)):
+            if want.get(option) != got.get(option):
+                lines.append(f"  {layer or '(the module)'}: {option}: the module has {_option(want, option)}, "
+                             f"the file was saved with {_option(got, option)}")
+    if lines:
+        raise ValueError(
+            f"weight file {os.fspath(path)!r} was saved from attention layers configured differently "
+            f"(nothing was loaded; build the module with the file's options):\n" + "\n".join(lines)
+        )
+
+
+def _option(record: dict, option: str) -> str:
+    return f"{option}={record[option]!r}" if option in record else "the default"
+
+
+def write(arrays: dict, path, records: dict | None = None) -> None:
+    """Serialize {name: (dtype name, shape, uint8 array)} and write it atomically; ``records``:
+    {layer name: option record} (see ``metadata``)."""
     if sys.byteorder != "little":
         raise RuntimeError("save_weights writes little-endian data and needs a little-endian machine")
     specs = {
         name: safetensors.TensorSpec(dtype=dtype, shape=list(shape), data_ptr=raw.ctypes.data, data_len=raw.nbytes)
         for name, (dtype, shape, raw) in arrays.items()
     }
-    data = bytes(safetensors.serialize(specs, metadata=METADATA))
+    data = bytes(safetensors.serialize(specs, metadata=metadata(records or {})))
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:

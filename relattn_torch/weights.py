@@ -4,9 +4,12 @@ Tensor names are the canonical parameter names: ``module.named_parameters()`` na
 equal to the nnx ``Param`` paths joined by "." in the twin (``w_q``, ``rel_k``,
 ``blocks.0.attn.w_o``). Layouts are identical in both frameworks, so nothing is
 transposed. Each tensor keeps its parameter's dtype (float64, float32, float16 or
-bfloat16), little-endian; the metadata is always ``METADATA``. Both twins hand the
-same names, dtypes, shapes and bytes to the same serializer, so the same weights
-saved from either framework give byte-identical files. Buffers are not saved.
+bfloat16), little-endian; the metadata is ``METADATA``, plus the attention layers'
+options that names and shapes do not show (a bucket scheme, grouped key/value heads, a^Q,
+a bias table, one shared table, ALiBi; see ``_weightfile.metadata``), which ``load_weights``
+compares with the module's. Both twins hand the same names, dtypes, shapes, options and
+bytes to the same serializer, so the same weights saved from either framework give
+byte-identical files. Buffers are not saved.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from ._weightfile import (  # noqa: F401 (METADATA, LoadResult, Mismatch re-exported)
-    METADATA, LoadResult, Mismatch, check_cast, check_finite, check_flags, compare, describe, read, write,
+    METADATA, LoadResult, Mismatch, check_cast, check_finite, check_flags, check_records, compare, describe,
+    read, read_records, write,
 )
 
 # safetensors header dtype -> this framework's dtype (parameters are floating).
@@ -25,7 +29,8 @@ def save_weights(module: torch.nn.Module, path) -> None:
     """Write every parameter of ``module`` to ``path`` as safetensors.
 
     Keys are the canonical names in sorted order, dtypes are the parameters' own,
-    and the metadata is fixed, so the file depends only on the weights. The file is
+    and the metadata is fixed by the attention layers' options, so the file depends only
+    on the weights and those options. The file is
     written to a temporary name and renamed, so a crash never leaves half a file.
 
     Args:
@@ -33,7 +38,7 @@ def save_weights(module: torch.nn.Module, path) -> None:
         path: the file to write (str or ``os.PathLike``).
     """
     arrays = {name: _to_bytes(p) for name, p in sorted(module.named_parameters())}
-    write(arrays, path)
+    write(arrays, path, _records(module))
 
 
 def load_weights(module: torch.nn.Module, path, *, strict: bool = True, allow_non_finite: bool = False) -> LoadResult:
@@ -58,11 +63,15 @@ def load_weights(module: torch.nn.Module, path, *, strict: bool = True, allow_no
 
     Raises:
         ValueError: the file is not a readable safetensors file (e.g. truncated), or
-            ``strict`` and the file does not match the module, or a tensor holds NaN/Inf
+            an attention layer was saved with other options than the module's (a scheme,
+            num_kv_heads, relative_queries, relative_bias, shared_relative_table or
+            alibi_slopes; whatever ``strict``), or ``strict`` and the file does not match
+            the module, or a tensor holds NaN/Inf
             (unless ``allow_non_finite``), or a cast to the parameter's dtype overflows.
     """
     check_flags(strict=strict, allow_non_finite=allow_non_finite)
     found = read(path)
+    check_records(path, _records(module), read_records(path))
     params = dict(module.named_parameters())
     expected = {n: tuple(p.shape) for n, p in params.items()}
     result = compare(expected, found)
@@ -76,6 +85,11 @@ def load_weights(module: torch.nn.Module, path, *, strict: bool = True, allow_no
         for name, value in new.items():
             params[name].copy_(value)
     return result
+
+
+def _records(module: torch.nn.Module) -> dict:
+    """{layer name: option record} of every attention layer (``RelativeMultiHeadAttention._weight_record``)."""
+    return {name: m._weight_record() for name, m in module.named_modules() if hasattr(m, "_weight_record")}
 
 
 def _to_bytes(p: torch.Tensor):
