@@ -34,7 +34,9 @@ SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
 # rows (kernel=CPU_KERNEL, as fused.unavailable says without an interpreter switch); "auto"
 # takes it on accelerators only, for the Shaw form in float32/float16/bfloat16 without dropout.
 # mask: "mask" is a mask with a T dim, "pad" a key-padding mask [B, 1, 1, S].
-# form "+qb": rel_q / rel_bias given (only the einsum and blockwise paths take them).
+# form "scheme": scheme=BertBuckets(3) with rel_k (its shaw_width is K = 2, so its rows run as Shaw's
+# on the torch banded path). Flags after the form: "+qb" rel_q / rel_bias given (only the einsum and
+# blockwise paths take them), "+gqa" grouped key/value heads (N_kv = N / 2), "+alibi" alibi_slopes.
 # The torch banded Shaw path needs CPU tensors (half ones run in float32),
 # no mask or a key-padding one, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
 # the jax Shaw path takes any of those, but leaves B * N * T * S >= 2**27 to blockwise.
@@ -85,6 +87,21 @@ shaw+qb  pad causal  -        float32   cpu     small  default  | einsum     ein
 shaw+qb  -   -       -        float32   cpu     at     default  | blockwise  blockwise
 table+qb -   -       -        float32   cpu     small  -        | einsum     einsum
 table+qb -   -       -        float32   accel   at     -        | blockwise  blockwise
+scheme   -     -       -        float32   cpu     small  default  | shaw       einsum
+scheme   -     -       -        float32   cpu     tiny   default  | einsum     einsum
+scheme   pad   causal  -        float64   cpu     small  default  | shaw       einsum
+scheme   -     causal  -        float32   cpu     small  array    | einsum     einsum
+scheme   -     -       -        float32   accel   small  default  | einsum     einsum
+scheme   -     -       -        float32   cpu     at     default  | shaw       blockwise
+scheme+qb -    -       -        float32   cpu     small  default  | einsum     einsum
+shaw+gqa  -    -       -        float32   cpu     small  default  | shaw       shaw
+shaw+gqa  -    -       -        float32   accel   small  default  | einsum     shaw
+shaw+gqa  pad  causal  -        float32   cpu     at     default  | shaw       blockwise
+table+gqa -    -       -        float32   cpu     small  -        | einsum     einsum
+shaw+alibi -   -       -        float32   cpu     small  default  | einsum     einsum
+shaw+alibi -   -       -        float32   accel   small  default  | einsum     einsum
+shaw+alibi -   -       -        float32   accel   at     default  | blockwise  blockwise
+none+alibi -   causal  -        float32   cpu     small  -        | einsum     einsum
 """
 
 
@@ -101,14 +118,21 @@ class Row:
     q_offset: str  # "default", an int, "array", or "-" (not the Shaw form)
     expected: dict  # framework -> path
     query_terms: bool = False  # rel_q / rel_bias given ("+qb" after the form)
+    gqa: bool = False  # grouped key/value heads, N_kv = N / 2 ("+gqa")
+    alibi: bool = False  # alibi_slopes given ("+alibi")
 
     @property
     def id(self) -> str:
         flags = [f for f, on in (("pad" if self.key_padding else "mask", self.masked), ("causal", self.is_causal),
                                  ("dropout", self.dropout)) if on]
         offset = [] if self.q_offset in ("-", "default") else [f"off{self.q_offset}"]
-        form = self.form + ("+qb" if self.query_terms else "")
+        form = self.form + "".join(f"+{f}" for f, on in (("qb", self.query_terms), ("gqa", self.gqa),
+                                                         ("alibi", self.alibi)) if on)
         return "-".join([form, *flags, self.dtype, self.device, self.size, *offset])
+
+    def clip(self, q_offset):
+        """The rules' max_distance: K in the Shaw form; a scheme's shaw_width (K) where q_offset is an int."""
+        return K if self.form == "shaw" or (self.form == "scheme" and q_offset is not None) else None
 
     def case(self, choice, fw):
         """The rules' view of this row in framework ``fw`` (its ``choice._Case``)."""
@@ -121,15 +145,15 @@ class Row:
         return choice._Case(B=B, T=T, S=S, N=N, H=H, dtype=self.dtype, device=device, form=self.form,
                             kernel=CPU_KERNEL if device == "cpu" else None, masked=self.masked,
                             key_padding=self.key_padding, is_causal=self.is_causal, dropout=self.dropout,
-                            max_distance=K if self.form == "shaw" else None, q_offset=q_offset,
-                            query_terms=self.query_terms)
+                            max_distance=self.clip(q_offset), q_offset=q_offset,
+                            query_terms=self.query_terms, N_kv=N // 2 if self.gqa else None, alibi=self.alibi)
 
 
 def _parse(table: str) -> list[Row]:
     lines = [line.split() for line in table.strip().splitlines()[1:]]
-    return [Row(form.partition("+")[0], mask in ("mask", "pad"), mask == "pad", causal == "causal",
+    return [Row(form.split("+")[0], mask in ("mask", "pad"), mask == "pad", causal == "causal",
                 dropout == "dropout", dtype, device, size, off, {"torch": torch_path, "jax": jax_path},
-                query_terms=form.endswith("+qb"))
+                query_terms="qb" in form.split("+"), gqa="gqa" in form.split("+"), alibi="alibi" in form.split("+"))
             for form, mask, causal, dropout, dtype, device, size, off, _, torch_path, jax_path in lines]
 
 
@@ -145,7 +169,7 @@ def _choice(fw):
 
 def test_the_table_parses_into_every_form_and_both_sides_of_the_threshold():
     assert len(ROWS) == len(TABLE.strip().splitlines()) - 1
-    assert {r.form for r in ROWS} == {"none", "dense", "table", "shaw"}
+    assert {r.form for r in ROWS} == {"none", "dense", "table", "shaw", "scheme"}
     assert {r.size for r in ROWS} == set(SIZES)
     B, T, S, N = SIZES["at"]
     assert B * N * T * S == 2**27 and np.prod(SIZES["below"]) < 2**27
@@ -218,7 +242,8 @@ def _arrays(fw, row):
 
         dt, ints = getattr(jnp, row.dtype), jnp.int32
         arr = lambda *shape, dtype=dt: jnp.zeros(shape, dtype=dtype)  # noqa: E731
-    q, k, v = arr(B, T, N, 1), arr(B, S, N, 1), arr(B, S, N, 1)
+    N_kv = N // 2 if row.gqa else N
+    q, k, v = arr(B, T, N, 1), arr(B, S, N_kv, 1), arr(B, S, N_kv, 1)
     mask = arr(B, 1, 1, S, dtype=bool) if row.key_padding else arr(1, 1, T, 1, dtype=bool)
     kw = dict(mask=mask if row.masked else None, is_causal=row.is_causal,
               dropout_p=0.1 if row.dropout else 0.0)
@@ -226,10 +251,14 @@ def _arrays(fw, row):
         kw["rel_k"] = arr(2 * K + 1, 1)
     if row.query_terms:
         kw["rel_q"], kw["rel_bias"] = arr(2 * K + 1, 1), arr(2 * K + 1, N)
+    if row.alibi:
+        kw["alibi_slopes"] = arr(N)
     if row.form == "table":
         kw["rel_ids"] = arr(T, 1, dtype=ints)
-    if row.form == "shaw":
-        kw["max_distance"] = K
+    if row.form == "scheme":
+        kw["scheme"] = __import__(f"relattn_{fw}").BertBuckets(K + 1)  # 2K + 1 rows, shaw_width K
+    if row.form in ("shaw", "scheme"):
+        kw["max_distance"] = K if row.form == "shaw" else None
         if row.q_offset == "array":
             kw["q_offset"] = arr(dtype=ints)
         elif row.q_offset != "default":
@@ -265,6 +294,14 @@ FORCED = [
     ("shaw", "shaw-float32-cpu-at", "shaw", "shaw"),
     ("blockwise", "table-float32-cpu-small", "blockwise", "blockwise"),
     ("einsum", "shaw-float32-cpu-at", "einsum", "einsum"),
+    ("shaw", "scheme-float32-cpu-small", "shaw", "ValueError: needs max_distance (the Shaw form)"),
+    ("shaw", "scheme-causal-float32-cpu-small-offarray", "ValueError: needs an int q_offset", "ValueError: needs max_distance"),
+    ("shaw", "shaw+alibi-float32-cpu-small", "ValueError: needs alibi_slopes=None", "ValueError: needs alibi_slopes=None"),
+    ("shaw", "shaw+gqa-float32-cpu-small", "shaw", "shaw"),
+    ("fused", "shaw+alibi-float32-accel-small", "ValueError: needs alibi_slopes=None", "ValueError: needs alibi_slopes=None"),
+    ("fused", "shaw+gqa-float32-accel-small", "ValueError: needs as many key/value heads", "ValueError: needs as many key/value heads"),
+    ("fused", "scheme-float32-accel-small", "ValueError: needs max_distance", "ValueError: needs max_distance"),
+    ("blockwise", "none+alibi-causal-float32-cpu-small", "blockwise", "blockwise"),
 ]
 BY_ID = {r.id: r for r in ROWS}
 

@@ -248,7 +248,7 @@ def _case(q, k, args: AttentionArgs) -> _Case:
     S = k.shape[1]
     form = _form(args)
     q_offset = args.q_offset
-    if args.max_distance is not None and q_offset is None:
+    if (args.max_distance is not None or args.scheme is not None) and q_offset is None:
         q_offset = S - T
     if not isinstance(q_offset, int) or isinstance(q_offset, bool):
         q_offset = None
