@@ -387,7 +387,7 @@ def test_tile_sizes(monkeypatch, T, S, H, K, platform, tiles):
     monkeypatch.setattr(fused, "BLOCK_T", 64)
     monkeypatch.setattr(fused, "BLOCK_S", 64)
     d = fused._spec.Dims(B=1, T=T, S=S, N=1, H=H)
-    cfg, (Tp, Sp, _, _) = fused._config(d, K, 1.0, False, None, None, None, platform)
+    cfg, (Tp, Sp, _, _) = fused._config(d, K, 1.0, False, {}, 1, None, platform)
     assert (cfg.block_t, cfg.block_s) == tiles
     assert Tp % cfg.block_t == 0 and Sp % cfg.block_s == 0 and Tp - T < cfg.block_t and Sp - S < cfg.block_s
 
@@ -445,8 +445,10 @@ def test_argument_errors(kw, error, match):
 
 def test_shape_errors_name_the_argument():
     q, k, v = _small()
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="k and v must have N_kv heads"):  # N = 3 is not a multiple of 2
         fused.fused_attention(q, k[:, :, :2], v[:, :, :2], max_distance=1, interpret=True)
+    with pytest.raises(ValueError, match="k must be"):
+        fused.fused_attention(q, k[..., :8], v[..., :8], max_distance=1, interpret=True)
 
 
 # --- slow sweep -----------------------------------------------------------------------------------

@@ -6,17 +6,22 @@ launches: Pallas needs a block spec per operand and per backend (the Triton back
 TPU, the interpreter), and with them ``fused.py`` would pass the house limit of ~400 lines.
 
 Dimension legend as in ``attention.py``: B T S N H R. Every array here is in the kernel layout
-[B, N, T, H] / [B, N, S, H] with T, S padded to whole tiles and H, R padded to powers of two.
-One program handles one (batch, head, tile) triple:
+[B, N, T, H] / [B, N_kv, S, H] with T, S padded to whole tiles and H, R padded to powers of two.
+The relation terms arrive as additive logits made outside: s_ij = c q_i.k_j + qa_i[r_ij] + ka_j[r_ij],
+with qa [B, N, T, R] (row terms) and ka [B, N, R, S] (column terms, stored transposed so that a key
+tile's ids are a [R, BLOCK_S] slice). Query head n reads key/value head n // G.
     forward   grid (B, N, T / BLOCK_T): loop over key tiles, online softmax (m, l), acc and the
               bucket masses C [BLOCK_T, R], all rescaled together; o = acc / l and C / l (the
               value term C @ A^V is one einsum after the kernel, as in the torch twin).
-    row pass  grid (B, N, T / BLOCK_T): recompute p from lse; dq and E (bucket sums of ds).
-    col pass  grid (B, N, S / BLOCK_S): loop over query tiles; dk and dv.
+    row pass  grid (B, N, T / BLOCK_T): recompute p from lse; dq and E (row bucket sums of ds).
+    col pass  grid (B, N_kv, S / BLOCK_S): loop over the G query heads of the key/value head and
+              their query tiles; dk, dv (summed over the group) and F (column bucket sums of ds,
+              per query head).
 Relation ids enter only through ``bucket`` and two tile loops over the ids a tile holds
-(``_expand`` reads a [BLOCK_T, R] table at the ids, ``_reduce`` sums a tile into buckets): no gather,
-which Pallas' Triton lowering lacks, and no [B, N, T, S] array anywhere. As in the twin, ``bucket`` is
-the one public name; ``fused.py`` calls the launches ``_forward`` and ``_backward``.
+(``_expand`` reads a [BLOCK_T, R] or [R, BLOCK_S] table at the ids, ``_reduce`` sums a tile into
+buckets along keys or queries): no gather, which Pallas' Triton lowering lacks, and no
+[B, N, T, S] array anywhere. As in the twin, ``bucket`` is the one public name; ``fused.py`` calls
+the launches ``_forward`` and ``_backward``.
 """
 
 from __future__ import annotations
@@ -41,13 +46,16 @@ class _Config:
 
     T: int  # true query length (rows >= T are padding)
     S: int  # true key length
-    K: int  # max_distance
+    K: int  # the Shaw clip: max_distance, or shaw_width of the scheme
+    R: int  # relation ids 2K + 1 padded to a power of two: the width of qa, ka, C, E and F
     scale: float
     causal: bool
     block_t: int
     block_s: int
-    keys: bool  # a key table (qa) is given
-    values: bool  # a value table (A^V) is given
+    has_qa: bool  # row terms qa (key table and/or bias) are given
+    has_ka: bool  # column terms ka (query-side table) are given
+    want_c: bool  # a value table (A^V) is given: the forward keeps the bucket masses C
+    groups: int  # G: query heads per key/value head
     mask_shape: tuple | None  # the padded 4-d mask's shape, or None
     platform: str  # "gpu", "tpu" or "interpret": which block specs and compiler params
     num_warps: int
@@ -90,27 +98,31 @@ def _id_range(cfg, i0, j0, off):
     return bucket(d_min, cfg.K, cfg.planted_bug), bucket(d_max, cfg.K, cfg.planted_bug)
 
 
-def _expand(x, ids, r_lo, r_hi, planted_bug=None):
-    """x [BLOCK_T, R] read at ids [BLOCK_T, BLOCK_S] -> [BLOCK_T, BLOCK_S], one id at a time."""
+def _expand(x, ids, r_lo, r_hi, by_rows=True, planted_bug=None):
+    """x read at ids [BLOCK_T, BLOCK_S] -> [BLOCK_T, BLOCK_S], one id at a time: x is [BLOCK_T, R]
+    (``by_rows``: entry (i, j) is x[i, ids_ij]) or [R, BLOCK_S] (entry (i, j) is x[ids_ij, j])."""
     if planted_bug == "gather":  # test hook: the gather Pallas' Triton lowering lacks
-        return jnp.take_along_axis(x, ids, axis=1)
-    rcol = _iota((1, x.shape[1]), 1)
+        return jnp.take_along_axis(x, ids, axis=1) if by_rows else jnp.take_along_axis(x, ids, axis=0)
+    axis = 1 if by_rows else 0
+    rid = _iota((1, x.shape[1]) if by_rows else (x.shape[0], 1), axis)
 
     def body(r, out):
-        col = jnp.sum(jnp.where(rcol == r, x, 0.0), axis=1, keepdims=True)  # [BLOCK_T, 1]
-        return jnp.where(ids == r, col, out)
+        line = jnp.sum(jnp.where(rid == r, x, 0.0), axis=axis, keepdims=True)  # [BLOCK_T, 1] or [1, BLOCK_S]
+        return jnp.where(ids == r, line, out)
 
     return lax.fori_loop(r_lo, r_hi + 1, body, jnp.zeros(ids.shape, jnp.float32))
 
 
-def _reduce(y, ids, r_lo, r_hi, acc, planted_bug=None):
-    """acc [BLOCK_T, R] plus the bucket sums of y [BLOCK_T, BLOCK_S] (sum of y over keys with id r)."""
-    rcol = _iota((1, acc.shape[1]), 1)
+def _reduce(y, ids, r_lo, r_hi, acc, by_rows=True, planted_bug=None):
+    """acc plus the bucket sums of y [BLOCK_T, BLOCK_S]: acc [BLOCK_T, R] (``by_rows``: sum over the
+    keys of each row with id r) or [R, BLOCK_S] (sum over the queries of each key with id r)."""
+    axis = 1 if by_rows else 0
+    rid = _iota((1, acc.shape[1]) if by_rows else (acc.shape[0], 1), axis)
     hi = r_hi if planted_bug == "dropped_bucket" else r_hi + 1
 
     def body(r, acc):
-        sums = jnp.sum(jnp.where(ids == r, y, 0.0), axis=1, keepdims=True)  # [BLOCK_T, 1]
-        return acc + jnp.where(rcol == r, sums, 0.0)
+        sums = jnp.sum(jnp.where(ids == r, y, 0.0), axis=axis, keepdims=True)  # [BLOCK_T, 1] or [1, BLOCK_S]
+        return acc + jnp.where(rid == r, sums, 0.0)
 
     return lax.fori_loop(r_lo, hi, body, acc)
 
@@ -120,8 +132,9 @@ def _scalars(cfg, meta_ref):
     return meta_ref[0], jnp.minimum(meta_ref[1 + pl.program_id(0)], cfg.S)
 
 
-def _tile(cfg, scalars, mask_ref, i0, j0, rows_from_ref, cols_from_ref):
-    """Ids and visibility of the tile of rows i0 .. i0 + BLOCK_T, keys j0 .. j0 + BLOCK_S."""
+def _tile(cfg, scalars, mask_ref, i0, j0, rows_from_ref, cols_from_ref, head=None):
+    """Ids and visibility of the tile of rows i0 .. i0 + BLOCK_T, keys j0 .. j0 + BLOCK_S (``head``:
+    the mask block's head index in the column pass, whose mask block spans the group's heads)."""
     off, klen = scalars
     rows = i0 + _iota((cfg.block_t, 1), 0)  # [BLOCK_T, 1]
     cols = j0 + _iota((1, cfg.block_s), 1)  # [1, BLOCK_S]
@@ -133,7 +146,8 @@ def _tile(cfg, scalars, mask_ref, i0, j0, rows_from_ref, cols_from_ref):
         t_full, s_full = cfg.mask_shape[2] > 1, cfg.mask_shape[3] > 1
         tr = pl.ds(i0, cfg.block_t) if (t_full and rows_from_ref) else slice(None)
         tc = pl.ds(j0, cfg.block_s) if (s_full and cols_from_ref) else slice(None)
-        vis = vis & (mask_ref[tr, tc] != 0)  # [BLOCK_T or 1, BLOCK_S or 1] broadcasts
+        tile = mask_ref[tr, tc] if head is None else mask_ref[head if cfg.mask_shape[1] > 1 else 0, tr, tc]
+        vis = vis & (tile != 0)  # [BLOCK_T or 1, BLOCK_S or 1] broadcasts
     r_lo, r_hi = _id_range(cfg, i0, j0, off)
     return ids, vis, r_lo, r_hi
 
@@ -146,33 +160,44 @@ def _key_tiles(cfg, scalars, i0):
     return lax.div(jnp.maximum(end + cfg.block_s - 1, 0), jnp.int32(cfg.block_s))  # operands >= 0: plain division
 
 
-def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, mask_ref, o_ref, lse_ref, c_ref, *, cfg):
+def _logits(cfg, tile, q, k, qa, ka):
+    """s = c q k^T + qa[r_ij] + ka[r_ij] of one tile, before masking ([BLOCK_T, BLOCK_S], float32)."""
+    ids, _, r_lo, r_hi = tile
+    s = _dot(q, k, trans_b=True) * cfg.scale
+    if cfg.has_qa:
+        s = s + _expand(qa, ids, r_lo, r_hi, True, cfg.planted_bug)  # qa [BLOCK_T, R]
+    if cfg.has_ka:
+        s = s + _expand(ka, ids, r_lo, r_hi, False, cfg.planted_bug)  # ka [R, BLOCK_S]
+    return s
+
+
+def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, ka_ref, mask_ref, o_ref, lse_ref, c_ref, *, cfg):
     i0 = pl.program_id(2) * cfg.block_t
     scalars = _scalars(cfg, meta_ref)
     q = q_ref[...]  # [BLOCK_T, H]
-    qa = qa_ref[...] if cfg.keys else None  # [BLOCK_T, R], float32, scaled
+    qa = qa_ref[...] if cfg.has_qa else None  # [BLOCK_T, R], float32
 
     def body(jt, carry):
         m, l, acc, cm = carry
         j0 = jt * cfg.block_s
-        ids, vis, r_lo, r_hi = _tile(cfg, scalars, mask_ref, i0, j0, False, True)
-        s = _dot(q, k_ref[pl.ds(j0, cfg.block_s), :], trans_b=True) * cfg.scale  # [BLOCK_T, BLOCK_S]
-        if cfg.keys:
-            s = s + _expand(qa, ids, r_lo, r_hi, cfg.planted_bug)
-        s = jnp.where(vis, s, _MASKED)
+        keys = pl.ds(j0, cfg.block_s)
+        tile = _tile(cfg, scalars, mask_ref, i0, j0, False, True)
+        ids, vis, r_lo, r_hi = tile
+        ka = ka_ref[:, keys] if cfg.has_ka else None  # [R, BLOCK_S], float32
+        s = jnp.where(vis, _logits(cfg, tile, q, k_ref[keys, :], qa, ka), _MASKED)  # [BLOCK_T, BLOCK_S]
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [BLOCK_T, 1]
         alpha = jnp.exp(m - m_new)
         p = jnp.where(vis, jnp.exp(s - m_new), 0.0)  # [BLOCK_T, BLOCK_S]
         l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-        v = v_ref[pl.ds(j0, cfg.block_s), :]
+        v = v_ref[keys, :]
         acc = alpha * acc + _dot(p.astype(v.dtype), v)  # [BLOCK_T, H]
-        if cfg.values:
-            cm = _reduce(p, ids, r_lo, r_hi, alpha * cm, cfg.planted_bug)  # [BLOCK_T, R]
+        if cfg.want_c:
+            cm = _reduce(p, ids, r_lo, r_hi, alpha * cm, True, cfg.planted_bug)  # [BLOCK_T, R]
         return m_new, l, acc, cm
 
-    bt, h, r = cfg.block_t, q_ref.shape[-1], c_ref.shape[-1]
+    bt, h = cfg.block_t, q_ref.shape[-1]
     init = (jnp.full((bt, 1), _MASKED, jnp.float32), jnp.zeros((bt, 1), jnp.float32),
-            jnp.zeros((bt, h), jnp.float32), jnp.zeros((bt, r), jnp.float32))
+            jnp.zeros((bt, h), jnp.float32), jnp.zeros((bt, cfg.R if cfg.want_c else 1), jnp.float32))
     m, l, acc, cm = lax.fori_loop(0, _key_tiles(cfg, scalars, i0), body, init)
     seen = l > 0.0  # rows that see no key: output 0, lse 0 (p is masked to 0 in the backward anyway)
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)  # [BLOCK_T, 1]
@@ -181,42 +206,40 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, mask_ref, o_ref, lse_ref,
     c_ref[...] = cm * inv
 
 
-def _probs_and_ds(cfg, tile, q, k, v, do, qa, gv, lse, dlt):
+def _probs_and_ds(cfg, tile, q, k, v, do, qa, ka, gv, lse, dlt):
     """p and ds = p (dp - D) of one tile, p recomputed from the logits and lse ([BLOCK_T, BLOCK_S])."""
     ids, vis, r_lo, r_hi = tile
-    s = _dot(q, k, trans_b=True) * cfg.scale
-    if cfg.keys:
-        s = s + _expand(qa, ids, r_lo, r_hi, cfg.planted_bug)
-    p = jnp.where(vis, jnp.exp(s - lse), 0.0)
+    p = jnp.where(vis, jnp.exp(_logits(cfg, tile, q, k, qa, ka) - lse), 0.0)
     dp = _dot(do, v, trans_b=True)
-    if cfg.values:
-        dp = dp + _expand(gv, ids, r_lo, r_hi, cfg.planted_bug)
+    if cfg.want_c:
+        dp = dp + _expand(gv, ids, r_lo, r_hi, True, cfg.planted_bug)  # gv = dC [BLOCK_T, R]
     return p, p * (dp - dlt)
 
 
-def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, gv_ref, mask_ref, lse_ref, d_ref, do_ref,
+def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, ka_ref, gv_ref, mask_ref, lse_ref, d_ref, do_ref,
                dq_ref, e_ref, *, cfg):
-    """Row pass: dq = c sum_j ds_ij k_j (the table term is added outside) and E [BLOCK_T, R]."""
+    """Row pass: dq = c sum_j ds_ij k_j (the table terms are added outside) and E [BLOCK_T, R]."""
     i0 = pl.program_id(2) * cfg.block_t
     scalars = _scalars(cfg, meta_ref)
     q, do, lse, dlt = q_ref[...], do_ref[...], lse_ref[...], d_ref[...]
-    qa = qa_ref[...] if cfg.keys else None
-    gv = gv_ref[...] if cfg.values else None
+    qa = qa_ref[...] if cfg.has_qa else None
+    gv = gv_ref[...] if cfg.want_c else None
 
     def body(jt, carry):
         dq, e = carry
         j0 = jt * cfg.block_s
+        keys = pl.ds(j0, cfg.block_s)
         tile = _tile(cfg, scalars, mask_ref, i0, j0, False, True)
-        k = k_ref[pl.ds(j0, cfg.block_s), :]
-        _, ds = _probs_and_ds(cfg, tile, q, k, v_ref[pl.ds(j0, cfg.block_s), :], do, qa, gv, lse, dlt)
+        k = k_ref[keys, :]
+        ka = ka_ref[:, keys] if cfg.has_ka else None
+        _, ds = _probs_and_ds(cfg, tile, q, k, v_ref[keys, :], do, qa, ka, gv, lse, dlt)
         dq = dq + _dot(ds.astype(k.dtype), k)  # [BLOCK_T, H]
-        if cfg.keys:
+        if cfg.has_qa:
             ids, _, r_lo, r_hi = tile
-            e = _reduce(ds, ids, r_lo, r_hi, e, cfg.planted_bug)  # [BLOCK_T, R]
+            e = _reduce(ds, ids, r_lo, r_hi, e, True, cfg.planted_bug)  # [BLOCK_T, R]
         return dq, e
 
-    r = e_ref.shape[-1] if cfg.keys else 1
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((cfg.block_t, r), jnp.float32))
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((cfg.block_t, cfg.R if cfg.has_qa else 1), jnp.float32))
     dq, e = lax.fori_loop(0, _key_tiles(cfg, scalars, i0), body, init)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     e_ref[...] = e
@@ -230,29 +253,43 @@ def _query_tiles(cfg, scalars, j0):
     return lo, jnp.where(live, n, lo)
 
 
-def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, gv_ref, mask_ref, lse_ref, d_ref, do_ref,
-                dk_ref, dv_ref, *, cfg):
-    """Column pass: dk = c sum_i ds_ij q_i and dv = sum_i p_ij dO_i for one key tile."""
+def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, qa_ref, ka_ref, gv_ref, mask_ref, lse_ref, d_ref, do_ref,
+                dk_ref, dv_ref, f_ref, *, cfg):
+    """Column pass for one key tile of one key/value head: dk = c sum_{g, i} ds_ij q_i and
+    dv = sum_{g, i} p_ij dO_i over the G query heads g of the group, and F [R, BLOCK_S] per head.
+    The query-side refs hold the group's heads on their first axis."""
     j0 = pl.program_id(2) * cfg.block_s
     scalars = _scalars(cfg, meta_ref)
     k, v = k_ref[...], v_ref[...]  # [BLOCK_S, H]
+    lo, hi = _query_tiles(cfg, scalars, j0)
 
-    def body(it, carry):
-        dk, dv = carry
-        i0 = it * cfg.block_t
-        rows = pl.ds(i0, cfg.block_t)
-        tile = _tile(cfg, scalars, mask_ref, i0, j0, True, False)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        qa = qa_ref[rows, :] if cfg.keys else None
-        gv = gv_ref[rows, :] if cfg.values else None
-        p, ds = _probs_and_ds(cfg, tile, q, k, v, do, qa, gv, lse_ref[rows, :], d_ref[rows, :])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)  # [BLOCK_S, H]
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+    def head(g, carry):
+        ka = ka_ref[g] if cfg.has_ka else None  # [R, BLOCK_S]
+
+        def body(it, carry):
+            dk, dv, f = carry
+            i0 = it * cfg.block_t
+            rows = pl.ds(i0, cfg.block_t)
+            tile = _tile(cfg, scalars, mask_ref, i0, j0, True, False, head=g)
+            q, do = q_ref[g, rows, :], do_ref[g, rows, :]
+            qa = qa_ref[g, rows, :] if cfg.has_qa else None
+            gv = gv_ref[g, rows, :] if cfg.want_c else None
+            p, ds = _probs_and_ds(cfg, tile, q, k, v, do, qa, ka, gv, lse_ref[g, rows, :], d_ref[g, rows, :])
+            dv = dv + _dot_tn(p.astype(do.dtype), do)  # [BLOCK_S, H]
+            dk = dk + _dot_tn(ds.astype(q.dtype), q)
+            if cfg.has_ka:
+                ids, _, r_lo, r_hi = tile
+                f = _reduce(ds, ids, r_lo, r_hi, f, False, cfg.planted_bug)  # [R, BLOCK_S]
+            return dk, dv, f
+
+        f0 = jnp.zeros((cfg.R if cfg.has_ka else 1, cfg.block_s), jnp.float32)
+        dk, dv, f = lax.fori_loop(lo, hi, body, (*carry, f0))
+        if cfg.has_ka:
+            f_ref[g] = f
         return dk, dv
 
-    lo, hi = _query_tiles(cfg, scalars, j0)
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = lax.fori_loop(lo, hi, body, init)
+    dk, dv = lax.fori_loop(0, cfg.groups, head, init)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -264,17 +301,34 @@ def _tiled(rows: int, width: int):
     return pl.BlockSpec((None, None, rows, width), lambda b, n, x: (b, n, x, 0))
 
 
-def _whole(length: int, width: int):
-    """The whole [length, width] slice of one (batch, head)."""
-    return pl.BlockSpec((None, None, length, width), lambda b, n, x: (b, n, 0, 0))
+def _whole(length: int, width: int, groups: int = 1):
+    """The whole [length, width] slice of one (batch, head); ``groups`` G: read by query head n, the
+    array has N / G heads (grouped keys and values: head n // G)."""
+    def index(b, n, x):  # lax.div: n >= 0, and // lowers through sign, which Mosaic lowers only on a TPU
+        return (b, lax.div(n, jnp.int32(groups)) if groups > 1 else n, 0, 0)
+
+    return pl.BlockSpec((None, None, length, width), index)
 
 
-def _mask(shape, by_rows: bool, block: int):
+def _group(length: int, width: int, groups: int):
+    """The G heads [G, length, width] of one key/value head's group (column pass, grid over N_kv)."""
+    return pl.BlockSpec((None, groups, length, width), lambda b, n, x: (b, n, 0, 0))
+
+
+def _group_cols(rows: int, block: int, groups: int):
+    """Key tile x [G, rows, block] of the group's heads of a [B, N, rows, S] array (ka, F)."""
+    return pl.BlockSpec((None, groups, rows, block), lambda b, n, x: (b, n, 0, x))
+
+
+def _mask(shape, by_rows: bool, block: int, groups: int | None = None):
     """Tiles of a [B|1, N|1, T|1, S|1] mask: rows (forward, row pass) or keys (column pass) by the
-    grid's tile index, the other axis whole; size-1 dims stay size 1 (they broadcast in the tile)."""
+    grid's tile index, the other axis whole; size-1 dims stay size 1 (they broadcast in the tile).
+    The column pass (``groups`` G) takes the group's G heads, or the one head of a mask without
+    a head axis."""
     mb, mn, mt, ms = shape
     tiled_t, tiled_s = by_rows and mt > 1, (not by_rows) and ms > 1
-    block_shape = (None, None, block if tiled_t else mt, block if tiled_s else ms)
+    heads = None if groups is None else (groups if mn > 1 else 1)
+    block_shape = (None, heads, block if tiled_t else mt, block if tiled_s else ms)
 
     def index(b, n, x):
         return (b if mb > 1 else 0, n if mn > 1 else 0, x if tiled_t else 0, x if tiled_s else 0)
@@ -305,39 +359,44 @@ def _call(cfg, kernel, grid, in_specs, out_specs, out_shape, name):
                           interpret=cfg.platform == "interpret", name=name)
 
 
-def _forward(cfg, meta, q, k, v, qa, r_values, mask):
-    """o = sum_j p_ij v_j [B, N, T, H], lse [B, N, T, 1] and the bucket masses C [B, N, T, R] (R =
-    ``r_values``, 1 without a value table), all float32."""
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward(cfg, meta, q, k, v, qa, ka, mask):
+    """o = sum_j p_ij v_j [B, N, T, H], lse [B, N, T, 1] and the bucket masses C [B, N, T, R] (R = 1
+    without ``cfg.want_c``), all float32. qa [B, N, T, R] and ka [B, N, R, S] (float32) or None."""
     B, N, T, H = q.shape
-    S = k.shape[2]
-    bt = cfg.block_t
-    R = r_values
-    in_specs = [_meta(cfg, meta), _tiled(bt, H), _whole(S, H), _whole(S, H),
-                _tiled(bt, qa.shape[-1]) if cfg.keys else None,
+    S, G, bt = k.shape[2], cfg.groups, cfg.block_t
+    R, Rc = cfg.R, cfg.R if cfg.want_c else 1
+    in_specs = [_meta(cfg, meta), _tiled(bt, H), _whole(S, H, G), _whole(S, H, G),
+                _tiled(bt, R) if cfg.has_qa else None, _whole(R, S) if cfg.has_ka else None,
                 _mask(mask.shape, True, bt) if mask is not None else None]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((B, N, T, R), jnp.float32)]
-    out_specs = [_tiled(bt, H), _tiled(bt, 1), _tiled(bt, R)]
+    out_shape = [_f32(B, N, T, H), _f32(B, N, T, 1), _f32(B, N, T, Rc)]
+    out_specs = [_tiled(bt, H), _tiled(bt, 1), _tiled(bt, Rc)]
     return _call(cfg, _fwd_kernel, (B, N, T // bt), in_specs, out_specs, out_shape, "relattn_fused_fwd")(
-        meta, q, k, v, qa, mask)
+        meta, q, k, v, qa, ka, mask)
 
 
-def _backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, do):
-    """dq (float32, without the table term), E [B, N, T, R] (float32), dk and dv (input dtype)."""
+def _backward(cfg, meta, q, k, v, qa, ka, gv, mask, lse, dlt, do):
+    """dq (float32, without the table terms), E [B, N, T, R] and F [B, N, R, S] (float32, or None
+    without qa / ka), dk and dv (input dtype, summed over each key/value head's group)."""
     B, N, T, H = q.shape
-    S = k.shape[2]
-    bt, bs = cfg.block_t, cfg.block_s
-    R = qa.shape[-1] if cfg.keys else 1
-    rows = [_tiled(bt, H), _whole(S, H), _whole(S, H), _tiled(bt, R) if cfg.keys else None,
-            _tiled(bt, gv.shape[-1]) if cfg.values else None,
+    S, G, bt, bs = k.shape[2], cfg.groups, cfg.block_t, cfg.block_s
+    R, Re, Rv = cfg.R, cfg.R if cfg.has_qa else 1, cfg.R if cfg.want_c else 1
+    rows = [_tiled(bt, H), _whole(S, H, G), _whole(S, H, G), _tiled(bt, Re) if cfg.has_qa else None,
+            _whole(R, S) if cfg.has_ka else None, _tiled(bt, Rv) if cfg.want_c else None,
             _mask(mask.shape, True, bt) if mask is not None else None, _tiled(bt, 1), _tiled(bt, 1), _tiled(bt, H)]
-    dq, e = _call(cfg, _dq_kernel, (B, N, T // bt), [_meta(cfg, meta)] + rows, [_tiled(bt, H), _tiled(bt, R)],
-                  [jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T, R), jnp.float32)],
-                  "relattn_fused_dq")(meta, q, k, v, qa, gv, mask, lse, dlt, do)
-    cols = [_whole(T, H), _tiled(bs, H), _tiled(bs, H), _whole(T, R) if cfg.keys else None,
-            _whole(T, gv.shape[-1]) if cfg.values else None,
-            _mask(mask.shape, False, bs) if mask is not None else None, _whole(T, 1), _whole(T, 1), _whole(T, H)]
-    dk, dv = _call(cfg, _dkv_kernel, (B, N, S // bs), [_meta(cfg, meta)] + cols, [_tiled(bs, H), _tiled(bs, H)],
-                   [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                   "relattn_fused_dkv")(meta, q, k, v, qa, gv, mask, lse, dlt, do)
-    return dq, e, dk, dv
+    args = (meta, q, k, v, qa, ka, gv, mask, lse, dlt, do)
+    dq, e = _call(cfg, _dq_kernel, (B, N, T // bt), [_meta(cfg, meta)] + rows, [_tiled(bt, H), _tiled(bt, Re)],
+                  [_f32(B, N, T, H), _f32(B, N, T, Re)], "relattn_fused_dq")(*args)
+    cols = [_group(T, H, G), _tiled(bs, H), _tiled(bs, H), _group(T, Re, G) if cfg.has_qa else None,
+            _group_cols(R, bs, G) if cfg.has_ka else None, _group(T, Rv, G) if cfg.want_c else None,
+            _mask(mask.shape, False, bs, G) if mask is not None else None, _group(T, 1, G), _group(T, 1, G),
+            _group(T, H, G)]
+    outs = [_tiled(bs, H), _tiled(bs, H), _group_cols(R, bs, G) if cfg.has_ka else None]
+    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+              _f32(B, N, R, S) if cfg.has_ka else None]
+    dk, dv, f = _call(cfg, _dkv_kernel, (B, N // G, S // bs), [_meta(cfg, meta)] + cols, outs, shapes,
+                      "relattn_fused_dkv")(*args)
+    return dq, (e if cfg.has_qa else None), dk, dv, f

@@ -1,20 +1,28 @@
-"""Fused Shaw relative attention: one Pallas kernel per pass, flash-style (JAX).
+"""Fused relative attention: one Pallas kernel per pass, flash-style (JAX).
 
 Dimension legend as in ``attention.py``: B T S N H R. Twin of ``relattn_torch/fused.py`` (Triton):
 same function, arguments, tile names and order of steps.
 
+Any bucket scheme is the Shaw form with clip K = ``buckets.shaw_width`` and expanded tables
+``table[shaw_rows(scheme, K)]`` (R = 2K + 1; the gather sits outside the kernels, so jax sums the
+tables' gradients back into the scheme's rows). ``max_distance=K`` is ``ShawBuckets(K)`` with its
+tables as they are. The relation terms enter the kernels as additive logits made by small GEMMs:
+    qa = c q . A^K + b   [B, N, T, R]  (rows: read at r_ij per query)
+    ka = c k . A^Q       [B, N, S, R]  (columns: read at r_ij per key)
 Forward, per (batch, head, BLOCK_T query rows), over tiles of BLOCK_S keys:
-    s = c q k^T + qa[r_ij]         qa = c q . A^K [T, R], one small GEMM before the kernel
+    s = c q k^T + qa[r_ij] + ka[r_ij]
     online softmax: running max m and sum l per row; acc += p v; bucket masses C [BLOCK_T, R] += the
     sums of p per relation id (acc and C rescaled together by exp(m_old - m_new))
     o = acc / l and C / l; lse = m + log l and C are kept for the backward.
 Then out = o + C @ A^V, one small GEMM after the kernel (as the torch twin does).
-Backward: D = rowsum(dO * out), gv = dO . A^V [T, R] (small GEMMs); a row pass recomputes p from lse
-and makes dq and E (bucket sums of ds = p (dO v^T + gv[r_ij] - D)); a column pass makes dk and dv.
-The table gradients c E^T Q and C^T dO, and dq's c E A^K, are plain einsums outside the kernels
-(jax differentiates the small GEMMs around the kernel call). No [B, N, T, S] array is written and
-there are no atomics. Ids come from ``_fused_kernels.bucket``; the kernel bodies and launches live
-in ``_fused_kernels.py``.
+Backward, given dO for out (hence dO for o and dC = dO . A^V for C): D = rowsum(dO * o) +
+rowsum(dC * C) (= rowsum(dO * out)); a row pass recomputes p from lse and makes dq and E (row bucket
+sums of ds = p (dO v^T + dC[r_ij] - D)); a column pass makes dk, dv and F (column bucket sums of
+ds). E and F are the gradients of qa and ka; jax differentiates the GEMMs around the kernel call
+(dA^K, db, dA^Q, dA^V and the table parts of dq and dk). Grouped keys and values (N_kv heads):
+query head n reads head n // G, and the column pass sums over each group. No [B, N, T, S] array is
+written and there are no atomics. Ids come from ``_fused_kernels.bucket``; the kernel bodies and
+launches live in ``_fused_kernels.py``.
 
 Backends: the Triton backend of Pallas on GPU (``jax.experimental.pallas.triton.CompilerParams``;
 Pallas' default GPU backend, Mosaic GPU, is not used), Mosaic on TPU, and the Pallas interpreter
@@ -30,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _fused_kernels as kernels
-from . import _spec
+from . import _spec, buckets
 
 BLOCK_T = 64  # query rows per tile
 BLOCK_S = 64  # keys per tile
@@ -70,16 +78,24 @@ def unavailable(q=None) -> str | None:
             f"set {_INTERPRET_ENV}=1 (or interpret=True) to run them in the Pallas interpreter")
 
 
-def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=None, is_causal=False,
-                    scale=None, mask=None, key_lengths=None, interpret=None) -> jax.Array:
-    """Shaw relative attention in fused Pallas kernels; equals ``relative_attention`` with ``max_distance``.
+def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=None, scheme=None,
+                    max_distance=None, q_offset=None, is_causal=False, scale=None, mask=None, key_lengths=None,
+                    interpret=None) -> jax.Array:
+    """Relative attention in fused Pallas kernels; equals ``relative_attention`` with the same terms.
+
+    e_ij = scale (q_i.k_j + q_i.a^K[r_ij] + k_j.a^Q[r_ij]) + b[r_ij, n], z_i = sum_j softmax(e)_ij
+    (v_j + a^V[r_ij]), with r_ij = scheme.bucket(j - i - q_offset).
 
     Args:
         q: queries [B, T, N, H]; float32, float16 or bfloat16.
-        k: keys [B, S, N, H]; v: values [B, S, N, H]; same dtype as q.
-        rel_k, rel_v: relation tables [R, H] (shared by heads) or [R, N, H], R = 2 * max_distance + 1,
-            or None.
-        max_distance: K >= 0; ids r_ij = clip(j - i - q_offset, -K, K) + K.
+        k: keys [B, S, N_kv, H]; v: values [B, S, N_kv, H]; same dtype as q. N_kv divides N (grouped
+            heads: query head n reads key/value head n // (N // N_kv)).
+        rel_k, rel_v: key and value tables A^K, A^V [R, H] (shared by heads) or [R, N, H], or None.
+        rel_q: query-side table A^Q (the k_j . a^Q term), same forms, or None.
+        rel_bias: per-head bias table b [R, N] (added after the scale), or None.
+        scheme: a ``buckets`` scheme (ShawBuckets, T5Buckets, DebertaBuckets, BertBuckets); every
+            table has R = scheme.num_ids rows. Exactly one of scheme and max_distance.
+        max_distance: K >= 0, the Shaw shorthand: ids r_ij = clip(j - i - q_offset, -K, K) + K, R = 2K + 1.
         q_offset: position of query 0 among the keys: int, 0-d int array, or traced; default S - T.
         is_causal: key j is visible to query i iff j <= i + (S - T) (bottom-right aligned).
         scale: logit scale; default 1 / sqrt(H).
@@ -91,41 +107,76 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, max_distance, q_offset=N
     Returns:
         [B, T, N, H] in q's dtype. A query that sees no key returns exactly 0 (with zero gradients).
     """
-    d = _check(q, k, v, rel_k, rel_v, max_distance, q_offset, mask, key_lengths)
+    tables = dict(rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias)
+    d = _check(q, k, v, tables, scheme, max_distance, q_offset, mask, key_lengths)
     if interpret is None:
         interpret = os.environ.get(_INTERPRET_ENV) == "1"
     if not interpret and (reason := unavailable(q)) is not None:
         raise RuntimeError(reason)
     scale = d.H**-0.5 if scale is None else float(scale)
+    K, tables = _shaw_form(scheme, max_distance, tables, d, q_offset)
     off = d.S - d.T if q_offset is None else q_offset
     lengths = jnp.full((d.B,), d.S, jnp.int32) if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
     meta = jnp.concatenate([jnp.asarray(off, jnp.int32).reshape(1), lengths])  # [1 + B] int32
-    cfg, pads = _config(d, max_distance, scale, is_causal, rel_k, rel_v, mask,
-                        "interpret" if interpret else _platform(q))
+    cfg, pads = _config(d, K, scale, is_causal, tables, k.shape[2], mask, "interpret" if interpret else _platform(q))
     Tp, Sp, Hp, Rp = pads
 
     def layout(x, length):  # [B, L, N, H] -> [B, N, Lp, Hp]
         x = jnp.transpose(x, (0, 2, 1, 3))
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, Hp - d.H)))
 
-    qa = None if rel_k is None else _key_table_product(q, rel_k, scale, Tp, Rp)
-    av = None if rel_v is None else _value_table(rel_v, Rp, Hp)
-    out = _fused(cfg, meta, layout(q, Tp), layout(k, Sp), layout(v, Sp), qa, av, _tile_mask(mask, Tp, Sp))
-    return jnp.transpose(out[:, :, : d.T, : d.H], (0, 2, 1, 3))
+    qa = _row_terms(q, tables["rel_k"], tables["rel_bias"], scale, Tp, Rp)
+    ka = _column_terms(k, tables["rel_q"], scale, d.N, Sp, Rp)
+    out, c = _fused(cfg, meta, layout(q, Tp), layout(k, Sp), layout(v, Sp), qa, ka, _tile_mask(mask, Tp, Sp))
+    if tables["rel_v"] is not None:  # the value term C @ A^V: one GEMM after the kernel (float32)
+        av = tables["rel_v"].astype(jnp.float32)
+        av = jnp.pad(av, ((0, Rp - av.shape[0]),) + ((0, 0),) * (av.ndim - 2) + ((0, Hp - d.H),))
+        out = out + jnp.einsum(f"BNTR,{_layout(av)}->BNTH", c, av, precision=_HIGHEST)
+    return jnp.transpose(out[:, :, : d.T, : d.H], (0, 2, 1, 3)).astype(q.dtype)
 
 
-def _key_table_product(q, rel_k, scale, Tp, Rp):
-    """qa = c q . A^K as float32 [B, N, Tp, Rp] (the small GEMM before the kernels; jax differentiates it)."""
-    layout = "RH" if rel_k.ndim == 2 else "RNH"
-    qa = jnp.einsum(f"BTNH,{layout}->BNTR", q.astype(jnp.float32), rel_k.astype(jnp.float32),
-                    precision=_HIGHEST) * scale  # [B, N, T, R]
-    return jnp.pad(qa, ((0, 0), (0, 0), (0, Tp - qa.shape[2]), (0, Rp - qa.shape[3])))
+def _shaw_form(scheme, max_distance, tables, d, q_offset):
+    """The Shaw clip K and the tables in Shaw form: as given for ``max_distance`` (K = max_distance),
+    else K = shaw_width (the saturation with an array q_offset) and each table[shaw_rows(scheme, K)]."""
+    if scheme is None:
+        return max_distance, tables
+    K = buckets.shaw_width(scheme, d.T, d.S, q_offset)
+    rows = buckets.shaw_rows(scheme, K)  # [2K + 1]
+    return K, {name: None if t is None else t[rows] for name, t in tables.items()}
 
 
-def _value_table(rel_v, Rp, Hp):
-    """A^V as [N or 1, Rp, Hp] in its dtype (a shared table keeps one copy)."""
-    av = rel_v[None] if rel_v.ndim == 2 else jnp.transpose(rel_v, (1, 0, 2))  # [N or 1, R, H]
-    return jnp.pad(av, ((0, 0), (0, Rp - av.shape[1]), (0, Hp - av.shape[2])))
+def _layout(table) -> str:
+    return "RH" if table.ndim == 2 else "RNH"
+
+
+def _row_terms(q, rel_k, rel_bias, scale, Tp, Rp):
+    """qa = c q . A^K + b as float32 [B, N, Tp, Rp], or None without both (jax differentiates it)."""
+    if rel_k is None and rel_bias is None:
+        return None
+    B, T, N, _ = q.shape
+    qa = jnp.zeros((B, N, T, 1), jnp.float32)
+    if rel_k is not None:
+        qa = jnp.einsum(f"BTNH,{_layout(rel_k)}->BNTR", q.astype(jnp.float32), rel_k.astype(jnp.float32),
+                        precision=_HIGHEST) * scale  # [B, N, T, R]
+    if rel_bias is not None:
+        qa = qa + jnp.transpose(rel_bias.astype(jnp.float32))[None, :, None, :]  # b [R, N] -> [1, N, 1, R]
+    return jnp.pad(qa, ((0, 0), (0, 0), (0, Tp - T), (0, Rp - qa.shape[3])))
+
+
+def _column_terms(k, rel_q, scale, N, Sp, Rp):
+    """ka = c k . A^Q per query head as float32 [B, N, Rp, Sp] (transposed: a key tile's terms are a
+    [R, BLOCK_S] slice), or None; query head n takes key head n // G."""
+    if rel_q is None:
+        return None
+    B, S, N_kv, H = k.shape
+    k32, aq = k.astype(jnp.float32), rel_q.astype(jnp.float32)
+    if rel_q.ndim == 2:
+        ka = jnp.repeat(jnp.einsum("BSNH,RH->BNRS", k32, aq, precision=_HIGHEST), N // N_kv, axis=1)
+    else:
+        aq = aq.reshape(aq.shape[0], N_kv, N // N_kv, H)  # [R, N_kv, G, H]: head n = (n // G, n % G)
+        ka = jnp.einsum("BSKH,RKGH->BKGRS", k32, aq, precision=_HIGHEST).reshape(B, N, -1, S)
+    ka = ka * scale  # [B, N, R, S]
+    return jnp.pad(ka, ((0, 0), (0, 0), (0, Rp - ka.shape[2]), (0, Sp - S)))
 
 
 def _platform(q=None) -> str:
@@ -144,8 +195,8 @@ def _pow2(n: int) -> int:
     return max(_MIN_DIM, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
-    """The kernels' static config and padded sizes (Tp, Sp, Hp, Rp)."""
+def _config(d, K, scale, causal, tables, N_kv, mask, platform):
+    """The kernels' static config and padded sizes (Tp, Sp, Hp, Rp); ``tables`` in Shaw form."""
     Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
     bt = min(BLOCK_T, _pow2(d.T))
     bs = min(BLOCK_S, _pow2(d.S))
@@ -158,10 +209,12 @@ def _config(d, K, scale, causal, rel_k, rel_v, mask, platform):
     if mask is not None:
         m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
         mask_shape = (m[0], m[1], Tp if m[2] > 1 else 1, Sp if m[3] > 1 else 1)
-    cfg = kernels._Config(T=d.T, S=d.S, K=K, scale=scale, causal=bool(causal), block_t=bt, block_s=bs,
-                         keys=rel_k is not None, values=rel_v is not None, mask_shape=mask_shape,
-                         platform=platform, num_warps=_WARPS_SMALL_H if Hp <= 64 else _WARPS_LARGE_H,
-                         planted_bug=_PLANTED_BUG)
+    given = {name for name, t in tables.items() if t is not None}
+    cfg = kernels._Config(T=d.T, S=d.S, K=K, R=Rp, scale=scale, causal=bool(causal), block_t=bt, block_s=bs,
+                          has_qa=bool(given & {"rel_k", "rel_bias"}), has_ka="rel_q" in given,
+                          want_c="rel_v" in given, groups=d.N // N_kv, mask_shape=mask_shape,
+                          platform=platform, num_warps=_WARPS_SMALL_H if Hp <= 64 else _WARPS_LARGE_H,
+                          planted_bug=_PLANTED_BUG)
     return cfg, (Tp, Sp, Hp, Rp)
 
 
@@ -176,54 +229,54 @@ def _tile_mask(mask, Tp, Sp):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg, meta, q, k, v, qa, av, mask):
-    """The kernel core on the padded layout: q [B, N, Tp, Hp], k, v [B, N, Sp, Hp], qa [B, N, Tp, Rp]
-    (float32, scaled) or None, av [N or 1, Rp, Hp] or None, mask int8 tiles or None -> [B, N, Tp, Hp]."""
-    return _fused_fwd(cfg, meta, q, k, v, qa, av, mask)[0]
+def _fused(cfg, meta, q, k, v, qa, ka, mask):
+    """The kernel core on the padded layout: q [B, N, Tp, Hp], k, v [B, N_kv, Sp, Hp], qa [B, N, Tp, Rp]
+    and ka [B, N, Rp, Sp] (float32 logit terms) or None, mask int8 tiles or None -> o [B, N, Tp, Hp]
+    and the bucket masses C [B, N, Tp, Rp] (R = 1 without ``cfg.want_c``), both float32."""
+    return _fused_fwd(cfg, meta, q, k, v, qa, ka, mask)[0]
 
 
-def _fused_fwd(cfg, meta, q, k, v, qa, av, mask):
-    out, lse, c = kernels._forward(cfg, meta, q, k, v, qa, 1 if av is None else av.shape[1], mask)
-    if av is not None:  # the value term C @ A^V: one GEMM after the kernel (float32)
-        shared = av.shape[0] == 1
-        table = (av[0] if shared else av).astype(jnp.float32)
-        out = out + jnp.einsum(f"BNTR,{'RH' if shared else 'NRH'}->BNTH", c, table, precision=_HIGHEST)
-    return out.astype(q.dtype), (meta, q, k, v, qa, av, mask, out, lse, c)
+def _fused_fwd(cfg, meta, q, k, v, qa, ka, mask):
+    o, lse, c = kernels._forward(cfg, meta, q, k, v, qa, ka, mask)
+    return (o, c), (meta, q, k, v, qa, ka, mask, o, lse, c)
 
 
-def _fused_bwd(cfg, res, g):
-    meta, q, k, v, qa, av, mask, out, lse, c = res
-    g32 = g.astype(jnp.float32)
-    dlt = jnp.einsum("BNTH,BNTH->BNT", g32, out, precision=_HIGHEST)[..., None]  # out: float32
-    gv, dav = None, None
-    if cfg.values:
-        av_heads = jnp.broadcast_to(av, (q.shape[1], *av.shape[1:])).astype(jnp.float32)
-        gv = jnp.einsum("BNTH,NRH->BNTR", g32, av_heads, precision=_HIGHEST)  # [B, N, Tp, Rp]
-        dav = jnp.einsum("BNTR,BNTH->NRH", c, g32, precision=_HIGHEST)  # C^T dO
-        dav = dav.sum(0, keepdims=True) if av.shape[0] == 1 else dav
-        dav = dav.astype(av.dtype)
-    dq, e, dk, dv = kernels._backward(cfg, meta, q, k, v, qa, gv, mask, lse, dlt, g)
-    return None, dq.astype(q.dtype), dk, dv, (e if cfg.keys else None), dav, None
+def _fused_bwd(cfg, res, cot):
+    meta, q, k, v, qa, ka, mask, o, lse, c = res
+    do, dc = cot  # float32 [B, N, Tp, Hp] and [B, N, Tp, Rp]
+    dlt = jnp.einsum("BNTH,BNTH->BNT", do, o, precision=_HIGHEST)  # D = rowsum(dO * out), by parts:
+    if cfg.want_c:
+        dlt = dlt + jnp.einsum("BNTR,BNTR->BNT", dc, c, precision=_HIGHEST)  # dC . C = dO . (C @ A^V)
+    dq, e, dk, dv, f = kernels._backward(cfg, meta, q, k, v, qa, ka, dc if cfg.want_c else None, mask, lse,
+                                         dlt[..., None], do.astype(q.dtype))
+    return None, dq.astype(q.dtype), dk, dv, e, f, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _check(q, k, v, rel_k, rel_v, K, q_offset, mask, key_lengths) -> _spec.Dims:
+def _check(q, k, v, tables, scheme, K, q_offset, mask, key_lengths) -> _spec.Dims:
     """Shapes and dtypes, with errors naming the argument."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16 for the fused kernel, got dtype {q.dtype}")
     d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     named = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
-    named += [(n, t.dtype) for n, t in (("rel_k", rel_k), ("rel_v", rel_v)) if t is not None]
+    named += [(n, t.dtype) for n, t in tables.items() if t is not None]
     _spec.check_float_dtypes(named, lambda dt: jnp.issubdtype(dt, jnp.floating))
-    _spec.check_positions(d.T, d.S, K)
-    for name, table in (("rel_k", rel_k), ("rel_v", rel_v)):
-        if table is not None:
+    _check_scheme(scheme, K, d)
+    rows, what = (2 * K + 1, f"2 * max_distance + 1 = {2 * K + 1} rows for max_distance={K}") if scheme is None \
+        else (scheme.num_ids, f"scheme.num_ids = {scheme.num_ids} rows for {scheme!r}")
+    for name, table in tables.items():
+        if table is None:
+            continue
+        if name == "rel_bias":
+            if table.ndim != 2 or table.shape[1] != d.N:
+                raise ValueError(f"rel_bias (per-head bias table) must be [R, N] = [R, {d.N}], "
+                                 f"got shape {_spec.fmt(table.shape)}")
+        else:
             _spec.table_layout(name, tuple(table.shape), d)
-            if table.shape[0] != 2 * K + 1:
-                raise ValueError(f"{name} must have R = 2 * max_distance + 1 = {2 * K + 1} rows for "
-                                 f"max_distance={K}, got shape {_spec.fmt(table.shape)}")
+        if table.shape[0] != rows:
+            raise ValueError(f"{name} must have R = {what}, got shape {_spec.fmt(table.shape)}")
     if q_offset is not None and not isinstance(q_offset, int):
         if jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
             raise TypeError(f"q_offset must be an int or a 0-d integer array, got {q_offset!r}")
@@ -237,3 +290,18 @@ def _check(q, k, v, rel_k, rel_v, K, q_offset, mask, key_lengths) -> _spec.Dims:
         if tuple(jnp.shape(key_lengths)) != (d.B,):
             raise ValueError(f"key_lengths must be int [B] = [{d.B}], got shape {_spec.fmt(jnp.shape(key_lengths))}")
     return d
+
+
+def _check_scheme(scheme, K, d) -> None:
+    """Exactly one of scheme= (a ``buckets`` scheme) and max_distance (a valid Shaw clip)."""
+    if scheme is None and K is None:
+        raise ValueError("fused_attention needs the relation ids: pass scheme= (a buckets scheme) or max_distance")
+    if scheme is not None:
+        if K is not None:
+            raise ValueError("pass either scheme= or max_distance (the Shaw ids, scheme=ShawBuckets(max_distance)), "
+                             "not both")
+        if not isinstance(scheme, buckets._Scheme):
+            raise TypeError(f"scheme must be a relattn_jax.buckets scheme (ShawBuckets, T5Buckets, DebertaBuckets, "
+                            f"BertBuckets), got {scheme!r}")
+        return
+    _spec.check_positions(d.T, d.S, K)
