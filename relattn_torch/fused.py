@@ -35,7 +35,7 @@ from collections import namedtuple
 import torch
 
 from . import _spec
-from .buckets import ShawBuckets, shaw_rows, shaw_width
+from . import buckets
 
 _Config = namedtuple("Config", "BLOCK_T BLOCK_S num_warps num_stages H")
 BLOCK_T = 32  # query rows per program
@@ -111,13 +111,14 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=Non
     if why is not None:
         raise RuntimeError(f"fused_attention cannot run here: {why}")
     c = d.H**-0.5 if scale is None else float(scale)
-    K, ak, av, aq, bias = _shaw_form(scheme, max_distance, d, q_offset, tables)
+    K, tables = _shaw_form(scheme, max_distance, tables, d, q_offset)
     launch = _Launch(K=K, scale=c, is_causal=bool(is_causal), interpret=interpret,
                      config=_config(_padded(d.H), q.dtype))
-    qa = _query_terms(q, ak, bias, c)  # [B, N, T, R] or None
-    ka = None if aq is None else c * _key_table_product(k, aq, d.N)  # [B, N, S, R]
+    qa = _row_terms(q, tables["rel_k"], tables["rel_bias"], c)  # [B, N, T, R] or None
+    ka = _column_terms(k, tables["rel_q"], c, d.N)  # [B, N, S, R] or None
     qoff = _offset_tensor(q_offset, d, q.device)
     kl = None if key_lengths is None else key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    av = tables["rel_v"]
     o, masses = _FusedCore.apply(q, k, v, qa, ka, av is not None, qoff, mask, kl, launch)
     if av is not None:  # the value term C @ A^V, in float32 before the one rounding
         o = o + torch.einsum(f"BNTR,{_layout(av)}->BTNH", masses, av)
@@ -127,19 +128,19 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=Non
 _Launch = namedtuple("_Launch", "K scale is_causal interpret config")
 
 
-def _shaw_form(scheme, max_distance, d, q_offset, tables):
-    """K and the float32 tables A^K, A^V, A^Q, b as Shaw tables of 2K + 1 rows (None where absent).
-
-    ``max_distance`` keeps K = max_distance and the tables as they are; a scheme takes the
-    smallest lossless K and gathers its rows (``_Rows``: its gradient sums back without atomics).
-    """
-    if max_distance is not None:
-        return (max_distance, *(None if tables[n] is None else tables[n].float() for n in _TABLES))
-    K = shaw_width(scheme, d.T, d.S, q_offset)
-    rows = shaw_rows(scheme, K, device=next((t.device for t in tables.values() if t is not None), None))
-    same = isinstance(scheme, ShawBuckets) and K == scheme.max_distance
-    return (K, *(None if tables[n] is None else tables[n].float() if same else _Rows.apply(tables[n].float(), rows)
-                 for n in _TABLES))
+def _shaw_form(scheme, max_distance, tables, d, q_offset):
+    """The Shaw clip K and the tables in Shaw form, float32: as given for ``max_distance``
+    (K = max_distance), else K = shaw_width (the saturation with a tensor q_offset) and each
+    table[shaw_rows(scheme, K)] (``_Rows``: its gradient sums back without atomics). A ShawBuckets
+    scheme whose clip is lossless for the sizes keeps its tables as they are, like max_distance."""
+    tables = {name: None if t is None else t.float() for name, t in tables.items()}
+    if scheme is None:
+        return max_distance, tables
+    K = buckets.shaw_width(scheme, d.T, d.S, q_offset)
+    if isinstance(scheme, buckets.ShawBuckets) and K == scheme.max_distance:
+        return K, tables
+    rows = buckets.shaw_rows(scheme, K, device=next((t.device for t in tables.values() if t is not None), None))
+    return K, {name: None if t is None else _Rows.apply(t, rows) for name, t in tables.items()}
 
 
 class _Rows(torch.autograd.Function):
@@ -158,27 +159,29 @@ class _Rows(torch.autograd.Function):
         return (one_hot.t() @ grad.reshape(grad.shape[0], -1)).reshape(ctx.num_rows, *grad.shape[1:]), None
 
 
-def _query_terms(q, ak, bias, c):
-    """QA = c q . A^K + b as float32 [B, N, T, R], or None without either term."""
-    if ak is None and bias is None:
+def _row_terms(q, rel_k, rel_bias, scale):
+    """QA = c q . A^K + b as float32 [B, N, T, R], or None without both (autograd differentiates it)."""
+    if rel_k is None and rel_bias is None:
         return None
     B, T, N, _ = q.shape
-    qa = None if ak is None else c * _table_product(q, ak)
-    if bias is not None:
-        b = bias.t()[None, :, None, :]  # [1, N, 1, R]
-        qa = b.expand(B, N, T, bias.shape[0]) if qa is None else qa + b
+    qa = None if rel_k is None else scale * _table_product(q, rel_k)  # [B, N, T, R]
+    if rel_bias is not None:
+        b = rel_bias.t()[None, :, None, :]  # b [R, N] -> [1, N, 1, R]
+        qa = b.expand(B, N, T, rel_bias.shape[0]) if qa is None else qa + b
     return qa.contiguous()
 
 
-def _key_table_product(k, table, N) -> torch.Tensor:
-    """k . table_r in float32 for every query head: k [B, S, N_kv, H] with [R, H] or [R, N, H] -> [B, N, S, R]."""
+def _column_terms(k, rel_q, scale, N):
+    """KA = c k . A^Q per query head as float32 [B, N, S, R], or None; query head n takes kv head n // G."""
+    if rel_q is None:
+        return None
     B, S, N_kv, H = k.shape
-    R, G = table.shape[0], N // N_kv if N_kv else 1
-    if table.dim() == 2:  # the same product for the G heads of a group
-        ka = torch.einsum("BSMH,RH->BMSR", k.float(), table)[:, :, None].expand(B, N_kv, G, S, R)
-    else:  # head n = m G + g reads kv head m
-        ka = torch.einsum("BSMH,RMGH->BMGSR", k.float(), table.reshape(R, N_kv, G, H))
-    return ka.reshape(B, N, S, R).contiguous()
+    R, G = rel_q.shape[0], N // N_kv if N_kv else 1
+    if rel_q.dim() == 2:  # the same product for the G heads of a group
+        ka = torch.einsum("BSKH,RH->BKSR", k.float(), rel_q)[:, :, None].expand(B, N_kv, G, S, R)
+    else:  # [R, N_kv, G, H]: head n = (n // G, n % G)
+        ka = torch.einsum("BSKH,RKGH->BKGSR", k.float(), rel_q.reshape(R, N_kv, G, H))
+    return (scale * ka.reshape(B, N, S, R)).contiguous()
 
 
 class _FusedCore(torch.autograd.Function):
@@ -276,7 +279,7 @@ def _check(q, k, v, tables, scheme, max_distance, q_offset, mask, key_lengths) -
         raise TypeError(f"fused_attention supports float32, float16 and bfloat16; q has dtype {q.dtype}")
     named = [("q", q), ("k", k), ("v", v)] + [(n, tables[n]) for n in _TABLES if tables[n] is not None]
     _spec.check_float_dtypes([(name, x.dtype) for name, x in named], lambda dt: dt.is_floating_point)
-    d = _check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    d = _spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     _check_tables(tables, scheme, max_distance, q_offset, d)
     if _padded(d.H) > max(c.H for c in _CONFIGS):
         raise ValueError(f"fused_attention supports head dims H <= {max(c.H for c in _CONFIGS)}, got H = {d.H}")
@@ -297,30 +300,14 @@ def _check(q, k, v, tables, scheme, max_distance, q_offset, mask, key_lengths) -
     return d
 
 
-def _check_qkv(q_shape, k_shape, v_shape) -> _spec.Dims:
-    """q [B, T, N, H], k and v [B, S, N_kv, H] with N % N_kv == 0 (grouped heads)."""
-    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-        if len(shape) != 4:
-            raise ValueError(f"{name} must have 4 dims {'[B, T, N, H]' if name == 'q' else '[B, S, N_kv, H]'}, "
-                             f"got shape {_spec.fmt(shape)}")
-    B, T, N, H = q_shape
-    if k_shape != v_shape:
-        raise ValueError(f"k and v must have the same shape [B, S, N_kv, H], got k {_spec.fmt(k_shape)} "
-                         f"and v {_spec.fmt(v_shape)}")
-    Bk, S, N_kv, Hk = k_shape
-    if (Bk, Hk) != (B, H) or (N_kv != N and (N_kv < 1 or N % N_kv)):
-        raise ValueError(f"k must be [B, S, N_kv, H] = [{B}, S, N_kv, {H}] with N = {N} a multiple of N_kv "
-                         f"(query head n reads kv head n // (N // N_kv)) to match q {_spec.fmt(q_shape)}, "
-                         f"got {_spec.fmt(k_shape)}")
-    return _spec.Dims(B, T, S, N, H)
-
-
 def _check_tables(tables, scheme, max_distance, q_offset, d) -> None:
     """Exactly one of scheme / max_distance; every table [R, H] or [R, N, H] (rel_bias [R, N]) with
     R = scheme.num_ids (2 * max_distance + 1)."""
-    if (scheme is None) == (max_distance is None):
-        raise ValueError("fused_attention needs exactly one of scheme= (a buckets scheme) and max_distance= "
-                         f"(= scheme=ShawBuckets(max_distance)), got scheme={scheme!r}, max_distance={max_distance!r}")
+    if scheme is None and max_distance is None:
+        raise ValueError("fused_attention needs the relation ids: pass scheme= (a buckets scheme) or max_distance")
+    if scheme is not None and max_distance is not None:
+        raise ValueError("pass either scheme= or max_distance (the Shaw ids, scheme=ShawBuckets(max_distance)), "
+                         "not both")
     shapes = {n: None if t is None else tuple(t.shape) for n, t in tables.items()}
     _spec.check_query_terms(shapes["rel_q"], shapes["rel_bias"], True, d)
     if max_distance is not None:
@@ -330,9 +317,9 @@ def _check_tables(tables, scheme, max_distance, q_offset, d) -> None:
             _spec.check_shaw(shapes["rel_k"], shapes["rel_v"], False, max_distance, q_offset is not None, d,
                              shapes["rel_q"], shapes["rel_bias"])
         return
-    if not callable(getattr(scheme, "bucket", None)) or not isinstance(getattr(scheme, "num_ids", None), int):
+    if not isinstance(scheme, buckets._Scheme):
         raise TypeError(f"scheme must be a relattn_torch.buckets scheme (ShawBuckets, T5Buckets, DebertaBuckets, "
-                        f"BertBuckets), got {type(scheme).__name__}")
+                        f"BertBuckets), got {scheme!r}")
     for name, shape in shapes.items():
         if shape is None:
             continue
