@@ -176,7 +176,7 @@ class RelativeMultiHeadAttention(nnx.Module):
             k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask, num_heads=self.num_heads)
         dropout_p, dropout_rng = _dropout(self.dropout, self.deterministic, deterministic, self.rngs, rngs)
         z = relative_attention(  # "auto" may pick the banded Shaw path
-            q, *_expand_kv(k, v, self.num_heads), **self._relative_terms(q.shape[1], k.shape[1], q_offset, dtype),
+            q, k, v, **self._relative_terms(q.shape[1], k.shape[1], q_offset, dtype),
             mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout_p, dropout_rng=dropout_rng,
         )  # [B, T, N, H]
         out = jnp.einsum("BTNH,NHE->BTE", z, _value(self.w_o, dtype))
@@ -200,23 +200,24 @@ class RelativeMultiHeadAttention(nnx.Module):
         return [t for t in self._all_tables() if t is not None]
 
     def _relative_terms(self, T: int, S: int, q_offset, dtype) -> dict:
-        """relative_attention's table and position arguments for T queries over S keys.
+        """relative_attention's table, position and ALiBi arguments for T queries over S keys.
 
-        The Shaw scheme goes by max_distance (its fast paths); any other scheme (and ALiBi, until
-        relative_attention takes alibi_slopes) by the scheme's ids, with q_offset default S - T.
+        The Shaw scheme goes by max_distance (its fast paths), any other by scheme=; q_offset
+        default S - T. Without tables and ALiBi: plain attention, no positions.
         """
         rel_kv = _value(self.rel_kv, dtype)
         terms = dict(rel_k=_value(self.rel_k, dtype) if rel_kv is None else rel_kv,
                      rel_v=_value(self.rel_v, dtype) if rel_kv is None else rel_kv,
                      rel_q=_value(self.rel_q, dtype), rel_bias=_value(self.rel_bias, dtype))
-        if not self._tables() and self.alibi_slopes is None:
-            return terms
-        offset = S - T if q_offset is None else q_offset
         if self.alibi_slopes is not None:
-            return _alibi_terms(self.scheme, self.alibi_slopes, terms, T, S, offset, dtype)
-        if isinstance(self.scheme, ShawBuckets):
-            return {**terms, "max_distance": self.scheme.max_distance, "q_offset": offset}
-        return {**terms, "rel_ids": self.scheme.ids(T, S, offset)}
+            terms["alibi_slopes"] = jnp.asarray(self.alibi_slopes, dtype)  # [N]
+        elif not self._tables():
+            return terms
+        terms["q_offset"] = S - T if q_offset is None else q_offset
+        if self._tables():  # scheme= needs a table; the Shaw ids keep the max_distance fast paths
+            shaw = isinstance(self.scheme, ShawBuckets)
+            terms["max_distance" if shaw else "scheme"] = self.scheme.max_distance if shaw else self.scheme
+        return terms
 
     def _weight_record(self) -> dict:
         """The options the weight file records for this layer ({} for today's layers), see ``weights.py``."""
@@ -250,30 +251,6 @@ def _resolve_scheme(scheme, max_distance) -> _Scheme:
         raise TypeError("scheme must be ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
                         f"got {type(scheme).__name__}")
     return scheme
-
-
-def _expand_kv(k: jax.Array, v: jax.Array, num_heads: int):
-    """k, v [B, S, N_kv, H] -> [B, S, N, H]: query head n reads key/value head n // G (HF repeat_kv)."""
-    G = num_heads // k.shape[2]
-    return (k, v) if G == 1 else (jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2))
-
-
-def _alibi_terms(scheme, slopes, terms: dict, T: int, S: int, offset, dtype) -> dict:
-    """ALiBi through the id form: ids pair the scheme's id r with the distance d = j - i - offset as
-    r * W + (clip(d, -K, K) + K), W = 2K + 1, K >= every |d|; the tables' rows repeat W times and
-    the bias table adds -m_n |d|. Exact (the gather's backward sums into the scheme's rows)."""
-    rel = jnp.arange(S)[None, :] - jnp.arange(T)[:, None] - jnp.asarray(offset)  # [T, S]
-    K = T + S if isinstance(offset, jax.Array) else max(1, T + S + abs(int(offset)))
-    W = 2 * K + 1
-    r = scheme.bucket(rel.astype(jnp.int32))  # [T, S]
-    ids = r * W + jnp.clip(rel, -K, K).astype(jnp.int32) + K
-    m = jnp.asarray(slopes, dtype)  # [N]
-    dist = jnp.abs(jnp.arange(-K, K + 1)).astype(dtype)  # [W]
-    alibi = -dist[:, None] * m[None, :]  # [W, N]
-    out = {n: None if t is None else jnp.repeat(t, W, axis=0) for n, t in terms.items()}
-    bias = jnp.tile(alibi, (scheme.num_ids, 1))  # [R * W, N]
-    out["rel_bias"] = bias if out["rel_bias"] is None else out["rel_bias"] + bias
-    return {**out, "rel_ids": ids}
 
 
 class RelationAwareAttention(nnx.Module):

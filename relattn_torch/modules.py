@@ -175,7 +175,7 @@ class RelativeMultiHeadAttention(nn.Module):
         if cache is not None:  # k, v become the buffers [B, max_length, N_kv, H]
             k, v, mask, q_offset, cache = attend_cache(cache, k, v, mask, num_heads=self.num_heads)
         z = relative_attention(  # "auto" may pick the banded Shaw path
-            q, *_expand_kv(k, v, self.num_heads), **self._relative_terms(q.shape[1], k.shape[1], q_offset, q),
+            q, k, v, **self._relative_terms(q.shape[1], k.shape[1], q_offset, q),
             mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
         )  # [B, T, N, H]
         out = torch.einsum("BTNH,NHE->BTE", z, self.w_o)
@@ -209,22 +209,23 @@ class RelativeMultiHeadAttention(nn.Module):
         return [t for t in self._all_tables() if t is not None]
 
     def _relative_terms(self, T: int, S: int, q_offset, like: torch.Tensor) -> dict:
-        """relative_attention's table and position arguments for T queries over S keys.
+        """relative_attention's table, position and ALiBi arguments for T queries over S keys.
 
-        The Shaw scheme goes by max_distance (its fast paths); any other scheme (and ALiBi, until
-        relative_attention takes alibi_slopes) by the scheme's ids, with q_offset default S - T.
+        The Shaw scheme goes by max_distance (its fast paths), any other by scheme=; q_offset
+        default S - T. Without tables and ALiBi: plain attention, no positions.
         """
         rel_kv = self.rel_kv
         terms = dict(rel_k=self.rel_k if rel_kv is None else rel_kv, rel_v=self.rel_v if rel_kv is None else rel_kv,
                      rel_q=self.rel_q, rel_bias=self.rel_bias)
-        if not self._tables() and self.alibi_slopes is None:
-            return terms
-        offset = S - T if q_offset is None else q_offset
         if self.alibi_slopes is not None:
-            return _alibi_terms(self.scheme, self.alibi_slopes, terms, T, S, offset, like)
-        if isinstance(self.scheme, ShawBuckets):
-            return {**terms, "max_distance": self.scheme.max_distance, "q_offset": offset}
-        return {**terms, "rel_ids": self.scheme.ids(T, S, offset, device=like.device)}
+            terms["alibi_slopes"] = torch.tensor(self.alibi_slopes, dtype=like.dtype, device=like.device)  # [N]
+        elif not self._tables():
+            return terms
+        terms["q_offset"] = S - T if q_offset is None else q_offset
+        if self._tables():  # scheme= needs a table; the Shaw ids keep the max_distance fast paths
+            shaw = isinstance(self.scheme, ShawBuckets)
+            terms["max_distance" if shaw else "scheme"] = self.scheme.max_distance if shaw else self.scheme
+        return terms
 
     def _weight_record(self) -> dict:
         """The options the weight file records for this layer ({} for today's layers), see ``weights.py``."""
@@ -258,30 +259,6 @@ def _resolve_scheme(scheme, max_distance) -> _Scheme:
         raise TypeError("scheme must be ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
                         f"got {type(scheme).__name__}")
     return scheme
-
-
-def _expand_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int):
-    """k, v [B, S, N_kv, H] -> [B, S, N, H]: query head n reads key/value head n // G (HF repeat_kv)."""
-    G = num_heads // k.shape[2]
-    return (k, v) if G == 1 else (k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2))
-
-
-def _alibi_terms(scheme, slopes, terms: dict, T: int, S: int, offset, like: torch.Tensor) -> dict:
-    """ALiBi through the id form: ids pair the scheme's id r with the distance d = j - i - offset as
-    r * W + (clip(d, -K, K) + K), W = 2K + 1, K >= every |d|; the tables' rows repeat W times and
-    the bias table adds -m_n |d|. Exact (the gather's backward sums into the scheme's rows)."""
-    rel = torch.arange(S, device=like.device)[None, :] - torch.arange(T, device=like.device)[:, None] - offset  # [T, S]
-    K = T + S if isinstance(offset, torch.Tensor) else max(1, T + S + abs(int(offset)))
-    W = 2 * K + 1
-    r = scheme.bucket(rel)  # [T, S]
-    ids = r * W + rel.clamp(-K, K) + K
-    m = torch.tensor(slopes, dtype=like.dtype, device=like.device)  # [N]
-    dist = torch.arange(-K, K + 1, device=like.device).abs().to(like.dtype)  # [W]
-    alibi = -dist[:, None] * m[None, :]  # [W, N]
-    out = {n: None if t is None else t.repeat_interleave(W, dim=0) for n, t in terms.items()}
-    bias = alibi.repeat(scheme.num_ids, 1)  # [R * W, N]
-    out["rel_bias"] = bias if out["rel_bias"] is None else out["rel_bias"] + bias
-    return {**out, "rel_ids": ids}
 
 
 class RelationAwareAttention(nn.Module):
