@@ -6,7 +6,7 @@ layouts (the weight-file names), the same equations. Parameters:
     tok_emb                  [V, E]   token embedding
     pos_emb                  [P, E]   learned absolute positions (``position="absolute"`` only)
     blocks.{i}.ln1.scale/bias [E]     pre-attention LayerNorm
-    blocks.{i}.attn.*                 RelativeMultiHeadAttention (no rel_k/rel_v when absolute)
+    blocks.{i}.attn.*                 RelativeMultiHeadAttention (no relation tables when absolute)
     blocks.{i}.ln2.scale/bias [E]     pre-MLP LayerNorm
     blocks.{i}.mlp.w_in [E, F], b_in [F], w_out [F, E], b_out [E]
     ln_f.scale/bias          [E]      final LayerNorm
@@ -32,8 +32,12 @@ from .modules import RelativeMultiHeadAttention
 class DecoderConfig:
     """Sizes of a ``DecoderLM``; identical fields in ``relattn_jax.decoder``.
 
-    ``position`` is ``"relative"`` (Shaw tables in every layer, no position embedding)
+    ``position`` is ``"relative"`` (relation tables in every layer, no position embedding)
     or ``"absolute"`` (learned ``pos_emb`` [max_len, E], attention without relative terms).
+    The tables' ids are Shaw's clipped at ``max_distance``, or ``scheme``'s when it is given
+    (a ``buckets.py`` scheme; then ``max_distance`` is unused). ``num_kv_heads`` (grouped
+    key/value heads), ``relative_queries`` and ``relative_bias`` are passed to every layer's
+    ``RelativeMultiHeadAttention``; the defaults give today's model, parameters and numbers.
     """
 
     vocab_size: int = 128
@@ -46,6 +50,10 @@ class DecoderConfig:
     position: str = "relative"
     share_relative_heads: bool = False
     ln_eps: float = 1e-5
+    num_kv_heads: int | None = None
+    scheme: object = None
+    relative_queries: bool = False
+    relative_bias: bool = False
 
     def __post_init__(self):
         if self.position not in ("relative", "absolute"):
@@ -56,6 +64,14 @@ class DecoderConfig:
     @property
     def relative(self) -> bool:
         return self.position == "relative"
+
+    def attention_options(self) -> dict:
+        """The keyword arguments of every layer's ``RelativeMultiHeadAttention`` (besides E, N and dtypes)."""
+        positions = dict(max_distance=self.max_distance) if self.scheme is None else dict(scheme=self.scheme)
+        rel = self.relative
+        return dict(positions, relative_keys=rel, relative_values=rel, share_relative_heads=self.share_relative_heads,
+                    num_kv_heads=self.num_kv_heads, relative_queries=rel and self.relative_queries,
+                    relative_bias=rel and self.relative_bias)
 
 
 class LayerNorm(nn.Module):
@@ -103,8 +119,7 @@ class Block(nn.Module):
         new = dict(device=device, dtype=dtype)
         self.ln1 = LayerNorm(cfg.embed_dim, cfg.ln_eps, **new)
         self.attn = RelativeMultiHeadAttention(
-            cfg.embed_dim, cfg.num_heads, max_distance=cfg.max_distance, relative_keys=cfg.relative,
-            relative_values=cfg.relative, share_relative_heads=cfg.share_relative_heads, **new,
+            cfg.embed_dim, cfg.num_heads, **cfg.attention_options(), **new,
         )
         self.ln2 = LayerNorm(cfg.embed_dim, cfg.ln_eps, **new)
         self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, **new)
