@@ -14,6 +14,7 @@ from .generate import generate
 from .masks import causal_mask, combine_masks, padding_mask
 from .modules import RelationAwareAttention, RelativeMultiHeadAttention
 from .positions import relative_position_ids
+from .importers import from_hf_bert_attention, from_hf_deberta_attention, from_hf_t5_attention
 from .interop import from_torch_mha
 from .weights import LoadResult, load_weights, save_weights
 
@@ -24,6 +25,9 @@ __all__ = [
     "DecoderConfig",
     "DecoderLM",
     "LoadResult",
+    "from_hf_bert_attention",
+    "from_hf_deberta_attention",
+    "from_hf_t5_attention",
     "from_torch_mha",
     "load_weights",
     "save_weights",

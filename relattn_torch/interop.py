@@ -62,9 +62,9 @@ def from_torch_mha(mha: nn.MultiheadAttention, **options) -> RelativeMultiHeadAt
     with torch.no_grad():
         for name, value in new.items():
             getattr(out, name).copy_(value)
-        for table in (out.rel_k, out.rel_v):
-            if table is not None:
-                table.zero_()
+        for name in ("rel_k", "rel_v"):
+            if getattr(out, name) is not None:
+                getattr(out, name).zero_()
     return out.train(mha.training)
 
 
