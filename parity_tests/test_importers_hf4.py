@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from .test_importers import B, E, N, TOL, WRONG, additive, assert_jax_matches, compare, inputs, mapped, padding_mask
+from .test_importers import (B, E, N, TOL, WRONG, additive, assert_jax_matches, compare, inputs, mapped, padding_mask,
+                             run_page_snippets)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -84,3 +85,8 @@ def test_bert_absolute_is_refused():
     with pytest.raises(ValueError, match="position_embedding_type 'relative_key' or 'relative_key_query', got 'absolute'"):
         rt.from_hf_bert_attention(bert("absolute"))
     assert B == 2  # the shared sizes (test_importers.py) this file relies on
+
+
+def test_bert_page_snippet_runs(tmp_path, monkeypatch):
+    """docs/schemes/bert.md's example runs as written and asserts its module equals BertAttention."""
+    assert run_page_snippets("bert.md", tmp_path, monkeypatch) == 1
