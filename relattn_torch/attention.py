@@ -121,12 +121,13 @@ def relative_attention(
     """
     _check_types(q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v, rel_ids=rel_ids, rel_q=rel_q, rel_bias=rel_bias,
                  alibi_slopes=alibi_slopes, mask=mask)
+    given = scheme
     scheme, max_distance = _resolve_scheme(scheme, rel_ids, max_distance)
     tables = dict(rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias)
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None or scheme is not None,
                rel_q=rel_q, rel_bias=rel_bias, alibi_slopes=alibi_slopes)
-    if scheme is not None:
-        _spec.check_scheme_tables(repr(scheme), scheme.num_ids, [(n, _shape(t)) for n, t in tables.items()], d)
+    if given is not None:
+        _spec.check_scheme_tables(repr(given), given.num_ids, [(n, _shape(t)) for n, t in tables.items()], d)
     _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d,
                      _shape(rel_q), _shape(rel_bias), positional=scheme is not None or alibi_slopes is not None)
     _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids)
