@@ -304,9 +304,10 @@ def test_imports_without_triton():
 # Compilation for GPU targets, no device needed -------------------------------------------------
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block
-# Spill bytes measured for float16/bfloat16 with every feature on (mask, key lengths, causal, both
-# tables); the table in docs/fused-kernels-torch.md. A change that spills more fails here.
-HALF_SPILL_BOUND = {16: 0, 32: 0, 64: 0, 128: 128, 256: 476}
+# Spill bytes measured for float16/bfloat16 with every feature on (mask, key lengths, causal, QA, KA,
+# dC and C); the table in docs/fused-kernels-torch.md. A change that spills more fails here. The
+# nonzero bounds at H = 16 and 32 are sm_80's column pass (grouped heads and F); sm_90 spills nothing there.
+HALF_SPILL_BOUND = {16: 148, 32: 132, 64: 0, 128: 128, 256: 620}
 KERNELS = ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel")
 _POINTERS = {"Q": "in", "Kp": "in", "V": "in", "DO": "in", "DK": "in", "DV": "in", "MASK": "u8", "KL": "i32",
              "QOFF": "i32"}
@@ -376,12 +377,17 @@ def _ptxas_report(ptx, arch):
 
 
 def _check_compiled(rows):
+    """Every row printed first (the whole report), then the bounds."""
+    failures = []
     for name, cfg, dtype, arch, shared, spills, registers in rows:
         cfg = _Config(*cfg)
         print(f"{name} {cfg} {dtype} sm_{arch}: shared {shared} B, spills {spills} B, {registers} registers")
-        assert shared <= SHARED_LIMIT[arch], f"{name} {cfg} {dtype} sm_{arch}: shared {shared} B"
-        if dtype != "fp32":  # float32 (IEEE dots on FMA units) spills; see docs/fused-kernels-torch.md
-            assert spills <= HALF_SPILL_BOUND.get(cfg.H, 0), f"{name} {cfg} {dtype} sm_{arch} spills {spills} B"
+        if shared > SHARED_LIMIT[arch]:
+            failures.append(f"{name} {cfg} {dtype} sm_{arch}: shared {shared} B")
+        # float32 (IEEE dots on FMA units) spills; see docs/fused-kernels-torch.md
+        if dtype != "fp32" and spills > HALF_SPILL_BOUND.get(cfg.H, 0):
+            failures.append(f"{name} {cfg} {dtype} sm_{arch} spills {spills} B")
+    assert not failures, failures
 
 
 def test_compiles_for_gpu_sample():
