@@ -381,6 +381,8 @@ def test_triton_ir_compiles_for_sm90(monkeypatch, tmp_path):
     (1000, 1000, 64, 8, "gpu", (64, 64)),
     (1, 50, 64, 8, "gpu", (16, 64)),  # a decode step: the smallest query tile
     (300, 300, 256, 8, "gpu", (32, 32)),  # wide heads: smaller tiles (shared memory)
+    (300, 300, 64, 64, "gpu", (32, 32)),  # >= 256 padded relation ids: smaller tiles (register spills)
+    (300, 300, 64, 63, "gpu", (64, 64)),
     (40, 1000, 64, 8, "tpu", (128, 128)),  # Mosaic: whole 128-lane tiles
 ])
 def test_tile_sizes(monkeypatch, T, S, H, K, platform, tiles):

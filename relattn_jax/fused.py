@@ -49,6 +49,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _TPU_TILE = 128  # lanes of a TPU vector register
 # Heads wider than 128: 32 x 32 tiles (the row pass took 272 KiB of shared memory at 64 x 64, H = 256).
 _WIDE_HEAD, _WIDE_HEAD_TILE = 128, 32
+# Relation tables of >= 256 padded ids (K >= 64; T5's default saturation 91) get the same 32 x 32 tiles:
+# the [BLOCK_T, R] and [R, BLOCK_S] tiles then halve. ptxas (sm_90, float32, H = 64, T5 with every
+# term, N_kv = 2) counted 4.5 / 3.6 / 39 KB of spill stores (forward / row / column pass) at 64 x 64
+# and 1.0 / 0.7 / 3.1 KB at 32 x 32.
+_WIDE_R = 256
 _WARPS_SMALL_H, _WARPS_LARGE_H = 4, 8  # Triton warps per program for H <= 64 and above (as jax's attention)
 _TPU_MIN_JAX = (0, 10)  # the oldest jax whose Mosaic lowering of the kernel was checked (0.10.2); 0.7.1 fails
 _PLANTED_BUG = None  # test hook: "band_edge", "dropped_bucket" or "gather" plants a known bug in the kernels
@@ -200,7 +205,7 @@ def _config(d, K, scale, causal, tables, N_kv, mask, platform):
     Hp, Rp = _pow2(d.H), _pow2(2 * K + 1)
     bt = min(BLOCK_T, _pow2(d.T))
     bs = min(BLOCK_S, _pow2(d.S))
-    if Hp > _WIDE_HEAD:
+    if Hp > _WIDE_HEAD or Rp >= _WIDE_R:
         bt, bs = min(bt, _WIDE_HEAD_TILE), min(bs, _WIDE_HEAD_TILE)
     if platform == "tpu":  # Mosaic tiles: key tiles span whole 128-lane rows (of the mask in the column pass)
         bt, bs = max(bt, _TPU_TILE), max(bs, _TPU_TILE)
