@@ -201,12 +201,13 @@ def test_torch_auto_takes_the_banded_path_for_schemes_past_the_crossover():
     from relattn_torch import choose_implementation
     from relattn_torch.einsum import AttentionArgs
 
-    q = torch.zeros(2, 256, 8, 1)
-    s = backend("torch").lib.T5Buckets(32, 128)
+    q = torch.zeros(2, 1024, 8, 1)
+    s = backend("torch").lib.T5Buckets(32, 128)  # shaw_width 91 here: a band of 183 keys
     args = AttentionArgs(rel_k=torch.zeros(32, 1), scheme=s, q_offset=0)
     assert choose_implementation(q, q, q, args).name == "shaw"
-    small = torch.zeros(2, 16, 8, 1)
-    assert choose_implementation(small, small, small, args).name == "einsum"
+    for size in (16, 512):  # below the logits crossover; S < 3 band widths
+        small = torch.zeros(2, size, 8, 1)
+        assert choose_implementation(small, small, small, args).name == "einsum"
     with_bias = AttentionArgs(rel_bias=torch.zeros(32, 8), scheme=s, q_offset=0)
     assert choose_implementation(q, q, q, with_bias).name == "einsum"
 

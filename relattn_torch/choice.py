@@ -39,6 +39,12 @@ LONG_SEQUENCE_THRESHOLD = 2**27
 # 2026-12-02; docs/implementations.md): forward S ~ 100 causal / 180 non-causal, forward +
 # backward S ~ 170 causal / 560 non-causal.
 _SHAW_MIN_LOGITS = {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19, (True, False): 2**22}
+# A bucket scheme runs banded with its shaw_width K (T5 (32, 128): 91; BERT (512): 511), far wider than
+# the K = 16 of those crossovers: "auto" takes it only where S >= this many band widths 2K + 1 as well.
+# Measured forward, B N H = 2 8 64, one thread, banded / einsum (2026-12-02, other jobs running):
+# T5 K = 91: 1.23 at S = 512 (2.8 widths), 0.59 at 768, 0.55 at 1024; BERT(128) K = 127: 0.42 at 768
+# (3.0 widths), 0.59 at 1024; BERT(512) K = 511: 1.6 at S = 512.
+_SCHEME_MIN_BAND_WIDTHS = 3
 # The widest head the fused kernels launch (their tile configurations stop there).
 FUSED_MAX_HEAD_DIM = 256
 _ALIASES = {"reference": "einsum"}  # deprecated name -> path
@@ -155,6 +161,8 @@ def _shaw_blocked(c: _Case) -> str | None:
 def _shaw_wanted(c: _Case) -> str | None:
     if c.logits < _SHAW_MIN_LOGITS[(c.backward, c.is_causal)]:
         return None  # below the measured crossover the einsum path is faster
+    if c.form == "scheme" and c.S < _SCHEME_MIN_BAND_WIDTHS * (2 * c.max_distance + 1):
+        return None  # the scheme's band spans most keys: the einsum path is faster
     return "the Shaw form on CPU: the banded path never holds [B, N, T, S] logits"
 
 
