@@ -35,8 +35,9 @@ SIZES = {  # B, T, S, N; LONG_SEQUENCE_THRESHOLD = 2**27 = B * N * T * S at "at"
 # takes it on accelerators only, for the Shaw form in float32/float16/bfloat16 without dropout.
 # mask: "mask" is a mask with a T dim, "pad" a key-padding mask [B, 1, 1, S].
 # form "scheme": scheme=BertBuckets(3) with rel_k (its shaw_width is K = 2, so its rows run as Shaw's
-# on the torch banded path). Flags after the form: "+qb" rel_q / rel_bias given (only the einsum and
-# blockwise paths take them), "+gqa" grouped key/value heads (N_kv = N / 2), "+alibi" alibi_slopes.
+# on the torch banded path). Flags after the form: "+qb" rel_q / rel_bias given (only the fused,
+# einsum and blockwise paths take them), "+gqa" grouped key/value heads (N_kv = N / 2, the fused kernel
+# and the Shaw paths take them), "+alibi" alibi_slopes (only the einsum and blockwise paths).
 # The torch banded Shaw path needs CPU tensors (half ones run in float32),
 # no mask or a key-padding one, no dropout, an int q_offset and, when causal, q_offset + max(K, 1) > S - T;
 # the jax Shaw path takes any of those, but leaves B * N * T * S >= 2**27 to blockwise.
@@ -82,7 +83,7 @@ dense  -     -       -        float32   cpu     at     -        | blockwise  blo
 none   -     causal  -        float32   cpu     small  -        | einsum     einsum
 none   -     -       -        float32   accel   at     -        | blockwise  blockwise
 shaw+qb  -   -       -        float32   cpu     small  default  | einsum     einsum
-shaw+qb  -   -       -        bfloat16  accel   small  default  | einsum     einsum
+shaw+qb  -   -       -        bfloat16  accel   small  default  | fused      fused
 shaw+qb  pad causal  -        float32   cpu     small  default  | einsum     einsum
 shaw+qb  -   -       -        float32   cpu     at     default  | blockwise  blockwise
 table+qb -   -       -        float32   cpu     small  -        | einsum     einsum
@@ -91,11 +92,11 @@ scheme   -     -       -        float32   cpu     small  default  | shaw       e
 scheme   -     -       -        float32   cpu     tiny   default  | einsum     einsum
 scheme   pad   causal  -        float64   cpu     small  default  | shaw       einsum
 scheme   -     causal  -        float32   cpu     small  array    | einsum     einsum
-scheme   -     -       -        float32   accel   small  default  | einsum     einsum
+scheme   -     -       -        float32   accel   small  default  | fused      fused
 scheme   -     -       -        float32   cpu     at     default  | shaw       blockwise
 scheme+qb -    -       -        float32   cpu     small  default  | einsum     einsum
 shaw+gqa  -    -       -        float32   cpu     small  default  | shaw       shaw
-shaw+gqa  -    -       -        float32   accel   small  default  | einsum     shaw
+shaw+gqa  -    -       -        float32   accel   small  default  | fused      fused
 shaw+gqa  pad  causal  -        float32   cpu     at     default  | shaw       blockwise
 table+gqa -    -       -        float32   cpu     small  -        | einsum     einsum
 shaw+alibi -   -       -        float32   cpu     small  default  | einsum     einsum
@@ -299,8 +300,9 @@ FORCED = [
     ("shaw", "shaw+alibi-float32-cpu-small", "ValueError: needs alibi_slopes=None", "ValueError: needs alibi_slopes=None"),
     ("shaw", "shaw+gqa-float32-cpu-small", "shaw", "shaw"),
     ("fused", "shaw+alibi-float32-accel-small", "ValueError: needs alibi_slopes=None", "ValueError: needs alibi_slopes=None"),
-    ("fused", "shaw+gqa-float32-accel-small", "ValueError: needs as many key/value heads", "ValueError: needs as many key/value heads"),
-    ("fused", "scheme-float32-accel-small", "ValueError: needs max_distance", "ValueError: needs max_distance"),
+    ("fused", "shaw+gqa-float32-accel-small", "fused", "fused"),
+    ("fused", "scheme-float32-accel-small", "fused", "fused"),
+    ("fused", "shaw+qb-bfloat16-accel-small", "fused", "fused"),
     ("blockwise", "none+alibi-causal-float32-cpu-small", "blockwise", "blockwise"),
 ]
 BY_ID = {r.id: r for r in ROWS}

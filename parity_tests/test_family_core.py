@@ -185,8 +185,8 @@ def test_torch_banded_path_runs_schemes_with_tails(name, vis):
     rng = np.random.default_rng(_seed(name, vis, "band"))
     s = make_scheme(t, name)
     x = inputs(rng, s.num_ids, "kv", 2, T=40, S=40)
-    kw = {} if vis == "none" else dict(mask=np.arange(40)[None, None, None, :] < np.array([40, 31])[:, None, None, None],
-                                       is_causal=True)
+    lengths = np.array([40, 31])[:, None, None, None]
+    kw = {} if vis == "none" else dict(mask=np.arange(40)[None, None, None, :] < lengths, is_causal=True)
     assert t.lib.buckets.shaw_width(s, 40, 40, 0) < 39
     cot = rng.standard_normal((B, 40, N, H))
     out_b, g_b = grads(t, x, cot, scheme=s, implementation="shaw", **kw)
@@ -312,7 +312,8 @@ ERRORS = [  # keywords of the call (tables by shape), error type, message
                                               r"got shape \[5\]"),
     (dict(alibi_slopes=(1, N)), ValueError, r"alibi_slopes must be \[N\] = \[4\].*got shape \[1, 4\]"),
     (dict(alibi_slopes="nan"), ValueError, r"alibi_slopes must be finite, got a NaN or inf slope"),
-    (dict(alibi_slopes="float32"), TypeError, r"alibi_slopes must have the same dtype as q \(.*float64\), got .*float32"),
+    (dict(alibi_slopes="float32"), TypeError,
+     r"alibi_slopes must have the same dtype as q \(.*float64\), got .*float32"),
     (dict(alibi_slopes="list"), TypeError, r"alibi_slopes must be a (torch.Tensor|jax.Array or numpy.ndarray) or None"),
     (dict(q_offset=1), ValueError, r"q_offset describes relative positions and needs max_distance, scheme= or "
                                    r"alibi_slopes"),
@@ -343,3 +344,28 @@ def test_errors(bk, kw, kind, match):
         kw["alibi_slopes"] = special[slopes] if isinstance(slopes, str) else bk.array(rng.random(slopes))
     with pytest.raises(kind, match=match):
         bk.lib.relative_attention(**x, **kw)
+
+
+# --- the fused kernels through relative_attention -------------------------------------------------
+
+def test_relative_attention_runs_the_fused_kernels_with_the_family(bk, monkeypatch):
+    """implementation="fused" passes the scheme, rel_q, rel_bias and grouped k, v on to the kernel (here in
+    its interpreter, float32): equal to the oracle within float32 rounding; alibi_slopes is refused."""
+    if bk.name == "torch":
+        pytest.importorskip("triton")
+        if bk.lib.fused.unavailable(bk.array(np.zeros(1))) is not None:
+            pytest.skip("triton's interpreter is not on in this process")
+    else:
+        monkeypatch.setenv("RELATTN_PALLAS_INTERPRET", "1")
+    rng = np.random.default_rng(45)
+    s = make_scheme(bk, "t5-8-16-bidir")
+    x = inputs(rng, 8, "kqvb", 2)
+    kw = dict(mask=rng.random((B, 1, T, S)) < 0.8, is_causal=True, q_offset=3)
+    got = bk.numpy(bk.lib.relative_attention(**{n: bk.array(a, "float32") for n, a in x.items()}, scheme=s,
+                                             implementation="fused", **bk._convert_kw(kw)))
+    ref = expected(x, "t5-8-16-bidir", **kw)
+    assert np.abs(got - ref).max() <= 2e-5 * max(1.0, np.abs(ref).max())
+    slopes = bk.array(rng.random(N), "float32")
+    with pytest.raises(ValueError, match=r"implementation='fused' needs alibi_slopes=None"):
+        bk.lib.relative_attention(**{n: bk.array(a, "float32") for n, a in x.items()}, scheme=s, alibi_slopes=slopes,
+                                  implementation="fused")

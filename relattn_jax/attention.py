@@ -108,11 +108,12 @@ def relative_attention(
             Eager calls always raise ValueError for such ids.
         implementation: None or "auto" lets ``choose_implementation`` pick the path
             from its rule table; a name forces one path: "fused" (``fused.py``: the
-            Pallas kernel; ``max_distance``, no dropout, float32/float16/bfloat16, a GPU or
-            TPU backend, or RELATTN_PALLAS_INTERPRET=1 on CPU), "einsum" (``einsum.py``: the
-            equations over [B, N, T, S] logits), "shaw" (``shaw.py``: the clipped ids as
-            one expand / reduce pair; ``max_distance`` with rel_k / rel_v only, no dropout) or "blockwise"
-            (``blockwise.py``: query blocks, memory linear in S). "reference" is a
+            Pallas kernel; ``max_distance`` or ``scheme``, no alibi_slopes, no dropout,
+            float32/float16/bfloat16, a GPU or TPU backend, or RELATTN_PALLAS_INTERPRET=1 on
+            CPU), "einsum" (``einsum.py``: the equations over [B, N, T, S] logits), "shaw"
+            (``shaw.py``: the clipped ids as one expand / reduce pair; ``max_distance`` with
+            rel_k / rel_v only, no dropout) or "blockwise" (``blockwise.py``: query blocks,
+            memory linear in S). "reference" is a
             deprecated alias of "einsum". The table is on the Implementations page of
             the docs.
 
@@ -155,8 +156,9 @@ def relative_attention(
 def _run(name: str, q, k, v, args: AttentionArgs) -> jax.Array:
     """The chosen path's pure function (looked up at call time, so tests can spy on it)."""
     if name == "fused":
-        return fused_attention(q, k, v, args.rel_k, args.rel_v, max_distance=args.max_distance,
-                               q_offset=args.q_offset, is_causal=args.is_causal, scale=args.scale, mask=args.mask)
+        return fused_attention(q, k, v, args.rel_k, args.rel_v, rel_q=args.rel_q, rel_bias=args.rel_bias,
+                               scheme=args.scheme, max_distance=args.max_distance, q_offset=args.q_offset,
+                               is_causal=args.is_causal, scale=args.scale, mask=args.mask)
     if name == "shaw":
         return shaw_attention(q, k, v, args)
     if name == "blockwise":
@@ -230,7 +232,8 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
     _spec.check_float_dtypes(named, lambda dt: jnp.issubdtype(dt, jnp.floating))
     terms = terms[:4]
     if alibi_slopes is not None:
-        finite = None if isinstance(alibi_slopes, jax.core.Tracer) else bool(np.isfinite(np.asarray(alibi_slopes)).all())
+        traced = isinstance(alibi_slopes, jax.core.Tracer)
+        finite = None if traced else bool(np.isfinite(np.asarray(alibi_slopes)).all())
         _spec.check_alibi(tuple(alibi_slopes.shape), finite, d)
     _spec.check_rel_args(rel_k, rel_v, rel_ids, rel_q, rel_bias)
     _spec.check_query_terms(_shape(rel_q), _shape(rel_bias), rel_ids is not None or shaw, d)

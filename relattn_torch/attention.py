@@ -104,11 +104,12 @@ def relative_attention(
             assert). Eager calls always raise ValueError for such ids.
         implementation: None or "auto" lets ``choose_implementation`` pick the path
             from its rule table; a name forces one path: "fused" (``fused.py``: the
-            Triton kernel; ``max_distance``, no dropout, float32/float16/bfloat16, CUDA
-            tensors, or CPU tensors with TRITON_INTERPRET=1), "einsum" (``einsum.py``: the
-            equations over [B, N, T, S] logits), "shaw" (``shaw.py``: the banded Shaw
-            path; CPU float32/float64, ``max_distance`` or ``scheme`` with rel_k / rel_v only, no
-            mask or a key-padding mask, no dropout, an int q_offset) or "blockwise" (``blockwise.py``: query blocks, memory linear in S).
+            Triton kernel; ``max_distance`` or ``scheme``, no alibi_slopes, no dropout,
+            float32/float16/bfloat16, CUDA tensors, or CPU tensors with TRITON_INTERPRET=1),
+            "einsum" (``einsum.py``: the equations over [B, N, T, S] logits), "shaw"
+            (``shaw.py``: the banded Shaw path; CPU float32/float64, ``max_distance`` or
+            ``scheme`` with rel_k / rel_v only, no mask or a key-padding mask, no dropout, an
+            int q_offset) or "blockwise" (``blockwise.py``: query blocks, memory linear in S).
             "reference" is a deprecated alias of "einsum". The table is on the
             Implementations page of the docs.
 
@@ -148,8 +149,9 @@ def relative_attention(
 def _run(name: str, q, k, v, args: AttentionArgs) -> torch.Tensor:
     """The chosen path's pure function (looked up at call time, so tests can spy on it)."""
     if name == "fused":
-        return fused_attention(q, k, v, args.rel_k, args.rel_v, max_distance=args.max_distance,
-                               q_offset=args.q_offset, is_causal=args.is_causal, scale=args.scale, mask=args.mask)
+        return fused_attention(q, k, v, args.rel_k, args.rel_v, rel_q=args.rel_q, rel_bias=args.rel_bias,
+                               scheme=args.scheme, max_distance=args.max_distance, q_offset=args.q_offset,
+                               is_causal=args.is_causal, scale=args.scale, mask=args.mask)
     if name == "shaw":
         return shaw_attention(q, k, v, args)
     if name == "blockwise":

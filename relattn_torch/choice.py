@@ -105,14 +105,10 @@ class _Rule:
 
 
 def _fused_blocked(c: _Case) -> str | None:
-    if c.form != "shaw":
-        return "needs max_distance (the Shaw form)"
+    if c.form not in ("shaw", "scheme"):
+        return "needs max_distance or scheme= (the kernel computes the ids; no rel_ids, no dense edges)"
     if c.alibi:
         return _NO_ALIBI
-    if c.query_terms:
-        return _NO_QUERY_TERMS
-    if c.N_kv is not None:
-        return f"needs as many key/value heads as query heads (fused.py's kernel), got N_kv = {c.N_kv} < N = {c.N}"
     if c.empty:
         return c.empty
     if c.dropout:
@@ -126,11 +122,11 @@ def _fused_blocked(c: _Case) -> str | None:
 
 def _fused_wanted(c: _Case) -> str | None:
     if c.device in ("cuda",):
-        return "the Shaw form on CUDA tensors: the fused Triton kernel holds no [B, N, T, S] tensor"
+        return "the Shaw form or a scheme on CUDA tensors: the fused Triton kernel holds no [B, N, T, S] tensor"
     return None  # the CPU choice: the interpreter runs the kernel only when asked for by name
 
 
-_NO_QUERY_TERMS = "needs rel_q=None and rel_bias=None (the einsum and blockwise paths take them)"
+_NO_QUERY_TERMS = "needs rel_q=None and rel_bias=None (the fused, einsum and blockwise paths take them)"
 _NO_ALIBI = "needs alibi_slopes=None (the einsum and blockwise paths take them)"
 
 
