@@ -230,7 +230,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
              ("alibi_slopes", alibi_slopes))
     named += [(n, t.dtype) for n, t in terms if t is not None]
     _spec.check_float_dtypes(named, lambda dt: jnp.issubdtype(dt, jnp.floating))
-    terms = terms[:4]
+    tables_given = terms[:4]  # the tables, without the slopes
     if alibi_slopes is not None:
         traced = isinstance(alibi_slopes, jax.core.Tracer)
         finite = None if traced else bool(np.isfinite(np.asarray(alibi_slopes)).all())
@@ -241,7 +241,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
         if not jnp.issubdtype(rel_ids.dtype, jnp.integer):
             raise TypeError(f"rel_ids must be an integer array, got dtype {rel_ids.dtype}")
         _spec.check_rel_ids_shape(tuple(rel_ids.shape), d)
-        tables = [(n, t) for n, t in terms if t is not None]
+        tables = [(n, t) for n, t in tables_given if t is not None]
         for name, table in [(n, t) for n, t in tables if n in ("rel_k", "rel_v")]:
             _spec.table_layout(name, tuple(table.shape), d)
         if not isinstance(rel_ids, jax.core.Tracer) and rel_ids.size:

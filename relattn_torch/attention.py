@@ -215,7 +215,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
              ("alibi_slopes", alibi_slopes))
     named += [(n, t.dtype) for n, t in terms if t is not None]
     _spec.check_float_dtypes(named, lambda dt: dt.is_floating_point)
-    terms = terms[:4]
+    tables_given = terms[:4]  # the tables, without the slopes
     if alibi_slopes is not None:
         finite = None if torch.compiler.is_compiling() else bool(torch.isfinite(alibi_slopes).all())
         _spec.check_alibi(tuple(alibi_slopes.shape), finite, d)
@@ -225,7 +225,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
         if rel_ids.dtype.is_floating_point or rel_ids.dtype.is_complex or rel_ids.dtype == torch.bool:
             raise TypeError(f"rel_ids must be an integer tensor, got dtype {rel_ids.dtype}")
         _spec.check_rel_ids_shape(tuple(rel_ids.shape), d)
-        tables = [(n, t) for n, t in terms if t is not None]
+        tables = [(n, t) for n, t in tables_given if t is not None]
         for name, table in [(n, t) for n, t in tables if n in ("rel_k", "rel_v")]:
             _spec.table_layout(name, tuple(table.shape), d)
         if not torch.compiler.is_compiling() and rel_ids.numel():

@@ -224,7 +224,7 @@ class RelativeMultiHeadAttention(nn.Module):
         terms["q_offset"] = S - T if q_offset is None else q_offset
         if self._tables():  # scheme= needs a table; the Shaw ids keep the max_distance fast paths
             shaw = isinstance(self.scheme, ShawBuckets)
-            terms["max_distance" if shaw else "scheme"] = self.scheme.max_distance if shaw else self.scheme
+            terms["max_distance" if shaw else "scheme"] = getattr(self.scheme, "max_distance") if shaw else self.scheme
         return terms
 
     def _weight_record(self) -> dict:
