@@ -26,24 +26,16 @@ from parity_tests.test_fused_torch import (  # noqa: E402
     TILE,
     _check_compiled,
     _compile_in_subprocess,
-    _interpreting,
     _run,
     _visible_mask,
+    small_tiles,  # noqa: F401 (the same autouse fixture: 16 x 16 tiles, a skip outside the interpreter)
 )
-from relattn_torch import fused, relative_attention  # noqa: E402
+from relattn_torch import _fused_terms, fused, relative_attention  # noqa: E402
 from relattn_torch.buckets import BertBuckets, DebertaBuckets, ShawBuckets, T5Buckets, shaw_width  # noqa: E402
-from relattn_torch.fused import _Config, fused_attention  # noqa: E402
+from relattn_torch.fused import fused_attention  # noqa: E402
 
 pytestmark = pytest.mark.fused
 NAMES = ("q", "k", "v", "rel_k", "rel_v", "rel_q", "rel_bias")
-
-
-@pytest.fixture(autouse=True)
-def small_tiles(request, monkeypatch):
-    if "compiles" not in request.node.name and not _interpreting():
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; "
-                    "run this file in a process of its own (pytest -n 2 --dist loadfile, or alone)")
-    monkeypatch.setattr(fused, "_config", lambda hp, dtype: _Config(TILE, TILE, 1, 1, hp))
 
 
 def _make(scheme, B, T, S, N, N_kv, H, terms, dtype=torch.float32, seed=0):
@@ -167,18 +159,18 @@ def test_invariants_with_every_term():
     mask = torch.ones(1, 1, 29, 35, dtype=torch.bool)
     mask[..., 6, :] = False
     d = fused._spec.check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    K, t = fused._shaw_form(scheme, None, dict(rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias), d, None)
+    K, t = _fused_terms.shaw_form(scheme, None, dict(rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias), d, None)
     c = 16**-0.5
     launch = fused._Launch(K=K, scale=c, is_causal=True, interpret=True, config=fused._config(16, q.dtype))
     qoff = fused._offset_tensor(None, d, "cpu")
-    qa, ka = fused._row_terms(q, t["rel_k"], t["rel_bias"], c), fused._column_terms(k, t["rel_q"], c, 2)
+    qa, ka = _fused_terms.row_terms(q, t["rel_k"], t["rel_bias"], c), _fused_terms.column_terms(k, t["rel_q"], c, 2)
     o, lse, masses = fused._forward(q, k, v, qa, ka, True, qoff, mask, None, launch)
     seen = torch.ones(29, dtype=torch.bool)
     seen[6] = False
     sums = masses.sum(-1)[0]  # [N, T]
     assert torch.allclose(sums[:, seen], torch.ones(()), atol=1e-6) and (sums[:, ~seen] == 0).all()
     dout = torch.randn(1, 29, 2, 16)
-    dc = fused._table_product(dout, t["rel_v"])
+    dc = _fused_terms._table_product(dout, t["rel_v"])
     delta = torch.einsum("BTNH,BTNH->BNT", dout, o) + (masses * dc).sum(-1)
     _, e, _, _, f = fused._backward(q, k, v, dout, qa, ka, dc, lse, delta.contiguous(), qoff, mask, None, launch)
     assert e.sum(-1).abs().max() < 1e-5

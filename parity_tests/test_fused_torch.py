@@ -30,7 +30,7 @@ import triton.language as tl  # noqa: E402
 
 from parity_tests import oracle  # noqa: E402
 from parity_tests.numerics import assert_close  # noqa: E402
-from relattn_torch import fused, relative_attention  # noqa: E402
+from relattn_torch import _fused_terms, fused, relative_attention  # noqa: E402
 from relattn_torch.fused import _CONFIGS, _Config, fused_attention, unavailable  # noqa: E402
 
 pytestmark = pytest.mark.fused
@@ -196,7 +196,7 @@ def test_bucket_masses_and_sums():
     launch = fused._Launch(K=5, scale=32**-0.5, is_causal=True, interpret=True, config=fused._config(32, q.dtype))
     tables = dict(rel_k=rel_k, rel_v=rel_v, rel_q=None, rel_bias=None)
     qoff = fused._offset_tensor(None, fused._check(q, k, v, tables, None, 5, None, mask, None), "cpu")
-    qa = launch.scale * fused._table_product(q, rel_k)
+    qa = launch.scale * _fused_terms._table_product(q, rel_k)
     o, lse, c = fused._forward(q, k, v, qa, None, True, qoff, mask, None, launch)
     seen = torch.ones(37, dtype=torch.bool)
     seen[4] = False
@@ -205,7 +205,7 @@ def test_bucket_masses_and_sums():
     dout = torch.randn(1, 37, 1, 32)
     out = o + torch.einsum("BNTR,RH->BTNH", c, rel_v)
     delta = torch.einsum("BTNH,BTNH->BNT", dout, out).contiguous()
-    gv = fused._table_product(dout, rel_v)
+    gv = _fused_terms._table_product(dout, rel_v)
     _, e, _, _, _ = fused._backward(q, k, v, dout, qa, None, gv, lse, delta, qoff, mask, None, launch)
     assert e.sum(-1).abs().max() < 1e-5
 

@@ -50,7 +50,7 @@ def test_blocking_really_blocks():
     assert run.returncode != 0 and ("ModuleNotFoundError" in run.stderr or "ImportError" in run.stderr)
 
 
-@pytest.mark.parametrize("name", ["_spec.py", "_cache_spec.py", "_weightfile.py"])
+@pytest.mark.parametrize("name", ["_spec.py", "_cache_spec.py", "_scheme_spec.py", "_module_spec.py", "_weightfile.py"])
 def test_framework_free_modules_are_byte_identical_in_both_packages(name):
     assert (ROOT / "relattn_torch" / name).read_bytes() == (ROOT / "relattn_jax" / name).read_bytes()
 

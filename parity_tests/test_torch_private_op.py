@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import relattn_torch  # noqa: E402
-from relattn_torch import choice, shaw  # noqa: E402
+from relattn_torch import _flash_op, choice  # noqa: E402
 from relattn_torch.einsum import AttentionArgs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ for name in ({OP!r}, {OP + "_backward"!r}):
 assert not hasattr(torch.ops.aten, {OP!r})
 
 import relattn_torch
-from relattn_torch import shaw
+from relattn_torch import _flash_op
 
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 6, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
@@ -53,7 +53,7 @@ try:
     forced = None
 except ValueError as e:
     forced = str(e)
-print(json.dumps(dict(missing=shaw._MISSING, diff=float((auto - einsum).abs().max()), forced=forced)))
+print(json.dumps(dict(missing=_flash_op.MISSING, diff=float((auto - einsum).abs().max()), forced=forced)))
 """
 
 
@@ -74,13 +74,13 @@ def _shaw_case(T=6, S=6):
 
 
 def test_auto_takes_the_banded_path_when_the_op_is_there():
-    assert shaw._MISSING is None, shaw._MISSING  # torch 2.13 has the op: this test suite runs the path
+    assert _flash_op.MISSING is None, _flash_op.MISSING  # torch 2.13 has the op: this test suite runs the path
     # T = S = 1024: above the crossover (choice._SHAW_MIN_LOGITS) where "auto" prefers the banded path
     assert relattn_torch.choose_implementation(*_shaw_case(1024, 1024)).name == "shaw"
 
 
 def test_auto_falls_back_with_a_reason_when_the_op_is_missing(monkeypatch):
-    monkeypatch.setattr(shaw, "_MISSING", "needs torch's private op aten.X")
+    monkeypatch.setattr(_flash_op, "MISSING", "needs torch's private op aten.X")
     got = relattn_torch.choose_implementation(*_shaw_case())
     assert got.name == "einsum" and "LONG_SEQUENCE_THRESHOLD" in got.reason
     with pytest.raises(ValueError, match=r"implementation='shaw' needs torch's private op aten\.X; use 'auto'"):
@@ -91,9 +91,9 @@ def test_auto_falls_back_with_a_reason_when_the_op_is_missing(monkeypatch):
 
 
 def test_an_op_with_another_signature_counts_as_missing(monkeypatch):
-    assert shaw._private_op(OP) is not None
-    monkeypatch.setitem(shaw._POSITIONAL, OP, ("query", "key", "value", "is_causal", "dropout_p"))
-    assert shaw._private_op(OP) is None
-    monkeypatch.setitem(shaw._POSITIONAL, OP + "_backward", ("grad_out", "q"))
-    assert shaw._private_op(OP + "_backward") is None
+    assert _flash_op.private_op(OP) is not None
+    monkeypatch.setitem(_flash_op.POSITIONAL, OP, ("query", "key", "value", "is_causal", "dropout_p"))
+    assert _flash_op.private_op(OP) is None
+    monkeypatch.setitem(_flash_op.POSITIONAL, OP + "_backward", ("grad_out", "q"))
+    assert _flash_op.private_op(OP + "_backward") is None
 

@@ -13,15 +13,6 @@ import math
 import numbers
 
 
-def check_scheme_args(scheme_given: bool, max_distance) -> None:
-    """``max_distance=K`` is the Shaw shorthand for ``scheme=ShawBuckets(K)``: not both."""
-    if scheme_given and max_distance is not None:
-        raise ValueError(
-            f"pass either scheme= or max_distance (the Shaw shorthand, scheme=ShawBuckets(max_distance)), "
-            f"not both; got max_distance={max_distance!r}"
-        )
-
-
 def check_kv_heads(num_heads: int, num_kv_heads) -> int:
     """N_kv: None means N; else an int >= 1 dividing N (query head n reads key/value head n // (N // N_kv))."""
     if num_kv_heads is None:
@@ -34,13 +25,6 @@ def check_kv_heads(num_heads: int, num_kv_heads) -> int:
             f"got num_heads={num_heads}, num_kv_heads={num_kv_heads}"
         )
     return int(num_kv_heads)
-
-
-def check_flags(**flags) -> None:
-    """The on/off options are bools ("False" is a truthy string)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_shared_table(shared: bool, relative_keys: bool, relative_values: bool) -> None:

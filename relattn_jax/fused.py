@@ -22,7 +22,7 @@ ds). E and F are the gradients of qa and ka; jax differentiates the GEMMs around
 (dA^K, db, dA^Q, dA^V and the table parts of dq and dk). Grouped keys and values (N_kv heads):
 query head n reads head n // G, and the column pass sums over each group. No [B, N, T, S] array is
 written and there are no atomics. Ids come from ``_fused_kernels.bucket``; the kernel bodies and
-launches live in ``_fused_kernels.py``.
+launches live in ``_fused_kernels.py``, the relation terms (Shaw form, QA, KA) in ``_fused_terms.py``.
 
 Backends: the Triton backend of Pallas on GPU (``jax.experimental.pallas.triton.CompilerParams``;
 Pallas' default GPU backend, Mosaic GPU, is not used), Mosaic on TPU, and the Pallas interpreter
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _fused_kernels as kernels
+from . import _fused_terms as terms
 from . import _spec, buckets
 
 BLOCK_T = 64  # query rows per tile
@@ -119,7 +120,7 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=Non
     if not interpret and (reason := unavailable(q)) is not None:
         raise RuntimeError(reason)
     scale = d.H**-0.5 if scale is None else float(scale)
-    K, tables = _shaw_form(scheme, max_distance, tables, d, q_offset)
+    K, tables = terms.shaw_form(scheme, max_distance, tables, d, q_offset)
     off = d.S - d.T if q_offset is None else q_offset
     lengths = jnp.full((d.B,), d.S, jnp.int32) if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
     meta = jnp.concatenate([jnp.asarray(off, jnp.int32).reshape(1), lengths])  # [1 + B] int32
@@ -130,58 +131,14 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=Non
         x = jnp.transpose(x, (0, 2, 1, 3))
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, Hp - d.H)))
 
-    qa = _row_terms(q, tables["rel_k"], tables["rel_bias"], scale, Tp, Rp)
-    ka = _column_terms(k, tables["rel_q"], scale, d.N, Sp, Rp)
+    qa = terms.row_terms(q, tables["rel_k"], tables["rel_bias"], scale, Tp, Rp)
+    ka = terms.column_terms(k, tables["rel_q"], scale, d.N, Sp, Rp)
     out, c = _fused(cfg, meta, layout(q, Tp), layout(k, Sp), layout(v, Sp), qa, ka, _tile_mask(mask, Tp, Sp))
     if tables["rel_v"] is not None:  # the value term C @ A^V: one GEMM after the kernel (float32)
         av = tables["rel_v"].astype(jnp.float32)
         av = jnp.pad(av, ((0, Rp - av.shape[0]),) + ((0, 0),) * (av.ndim - 2) + ((0, Hp - d.H),))
-        out = out + jnp.einsum(f"BNTR,{_layout(av)}->BNTH", c, av, precision=_HIGHEST)
+        out = out + jnp.einsum(f"BNTR,{terms.layout(av)}->BNTH", c, av, precision=_HIGHEST)
     return jnp.transpose(out[:, :, : d.T, : d.H], (0, 2, 1, 3)).astype(q.dtype)
-
-
-def _shaw_form(scheme, max_distance, tables, d, q_offset):
-    """The Shaw clip K and the tables in Shaw form: as given for ``max_distance`` (K = max_distance),
-    else K = shaw_width (the saturation with an array q_offset) and each table[shaw_rows(scheme, K)]."""
-    if scheme is None:
-        return max_distance, tables
-    K = buckets.shaw_width(scheme, d.T, d.S, q_offset)
-    rows = buckets.shaw_rows(scheme, K)  # [2K + 1]
-    return K, {name: None if t is None else t[rows] for name, t in tables.items()}
-
-
-def _layout(table) -> str:
-    return "RH" if table.ndim == 2 else "RNH"
-
-
-def _row_terms(q, rel_k, rel_bias, scale, Tp, Rp):
-    """qa = c q . A^K + b as float32 [B, N, Tp, Rp], or None without both (jax differentiates it)."""
-    if rel_k is None and rel_bias is None:
-        return None
-    B, T, N, _ = q.shape
-    qa = jnp.zeros((B, N, T, 1), jnp.float32)
-    if rel_k is not None:
-        qa = jnp.einsum(f"BTNH,{_layout(rel_k)}->BNTR", q.astype(jnp.float32), rel_k.astype(jnp.float32),
-                        precision=_HIGHEST) * scale  # [B, N, T, R]
-    if rel_bias is not None:
-        qa = qa + jnp.transpose(rel_bias.astype(jnp.float32))[None, :, None, :]  # b [R, N] -> [1, N, 1, R]
-    return jnp.pad(qa, ((0, 0), (0, 0), (0, Tp - T), (0, Rp - qa.shape[3])))
-
-
-def _column_terms(k, rel_q, scale, N, Sp, Rp):
-    """ka = c k . A^Q per query head as float32 [B, N, Rp, Sp] (transposed: a key tile's terms are a
-    [R, BLOCK_S] slice), or None; query head n takes key head n // G."""
-    if rel_q is None:
-        return None
-    B, S, N_kv, H = k.shape
-    k32, aq = k.astype(jnp.float32), rel_q.astype(jnp.float32)
-    if rel_q.ndim == 2:
-        ka = jnp.repeat(jnp.einsum("BSNH,RH->BNRS", k32, aq, precision=_HIGHEST), N // N_kv, axis=1)
-    else:
-        aq = aq.reshape(aq.shape[0], N_kv, N // N_kv, H)  # [R, N_kv, G, H]: head n = (n // G, n % G)
-        ka = jnp.einsum("BSKH,RKGH->BKGRS", k32, aq, precision=_HIGHEST).reshape(B, N, -1, S)
-    ka = ka * scale  # [B, N, R, S]
-    return jnp.pad(ka, ((0, 0), (0, 0), (0, Rp - ka.shape[2]), (0, Sp - S)))
 
 
 def _platform(q=None) -> str:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _cache_spec, _module_spec, _spec
+from . import _cache_spec, _module_spec, _scheme_spec, _spec
 from .attention import _arrays, relative_attention
 from .buckets import ShawBuckets, _Scheme
 from .cache import KVCache, attend_cache, init_kv_cache
@@ -97,8 +97,9 @@ class RelativeMultiHeadAttention(nnx.Module):
         head_dim = _spec.check_heads(embed_dim, num_heads, head_dim)
         _spec.check_dropout(dropout)
         self.scheme = _resolve_scheme(scheme, max_distance)
-        _module_spec.check_flags(relative_queries=relative_queries, relative_bias=relative_bias,
-                                 shared_relative_table=shared_relative_table)
+        for name, flag in (("relative_queries", relative_queries), ("relative_bias", relative_bias),
+                           ("shared_relative_table", shared_relative_table)):
+            _spec.check_bool(name, flag)
         _module_spec.check_shared_table(shared_relative_table, relative_keys, relative_values)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.num_kv_heads = _module_spec.check_kv_heads(num_heads, num_kv_heads)
@@ -242,11 +243,11 @@ def _table_names(relative_keys, relative_values, shared, relative_queries):
 
 def _resolve_scheme(scheme, max_distance) -> _Scheme:
     """The layer's bucket scheme: ``scheme``, or ShawBuckets(max_distance) (default 16)."""
-    _module_spec.check_scheme_args(scheme is not None, max_distance)
     if scheme is None:
         max_distance = _DEFAULT_MAX_DISTANCE if max_distance is None else max_distance
         _spec.check_positions(0, 0, max_distance)
         return ShawBuckets(max_distance)
+    _scheme_spec.check_scheme_args(False, max_distance)  # max_distance is the Shaw shorthand: not both
     if not isinstance(scheme, _Scheme):
         raise TypeError("scheme must be ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
                         f"got {type(scheme).__name__}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _spec
+from . import _scheme_spec, _spec
 from .blockwise import blockwise_attention
 from .buckets import ShawBuckets, _Scheme
 from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
@@ -128,7 +128,7 @@ def relative_attention(
     d = _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=max_distance is not None or scheme is not None,
                rel_q=rel_q, rel_bias=rel_bias, alibi_slopes=alibi_slopes)
     if given is not None:
-        _spec.check_scheme_tables(repr(given), given.num_ids, [(n, _shape(t)) for n, t in tables.items()], d)
+        _scheme_spec.check_scheme_tables(repr(given), given.num_ids, [(n, _shape(t)) for n, t in tables.items()], d)
     _spec.check_shaw(_shape(rel_k), _shape(rel_v), rel_ids is not None, max_distance, q_offset is not None, d,
                      _shape(rel_q), _shape(rel_bias), positional=scheme is not None or alibi_slopes is not None)
     _check_scalars(is_causal, scale, dropout_p, q_offset, check_ids)
@@ -170,7 +170,7 @@ def _resolve_scheme(scheme, rel_ids, max_distance):
     if not isinstance(scheme, _Scheme):
         raise TypeError("scheme must be None, ShawBuckets, T5Buckets, DebertaBuckets or BertBuckets, "
                         f"got {type(scheme).__module__}.{type(scheme).__name__}")
-    _spec.check_scheme_args(rel_ids is not None, max_distance)
+    _scheme_spec.check_scheme_args(rel_ids is not None, max_distance)
     if isinstance(scheme, ShawBuckets):
         return None, scheme.max_distance
     return scheme, None
@@ -218,7 +218,7 @@ def _check(q, k, v, rel_k, rel_v, rel_ids, mask, shaw=False, rel_q=None, rel_bia
     tables_given = terms[:4]  # the tables, without the slopes
     if alibi_slopes is not None:
         finite = None if torch.compiler.is_compiling() else bool(torch.isfinite(alibi_slopes).all())
-        _spec.check_alibi(tuple(alibi_slopes.shape), finite, d)
+        _scheme_spec.check_alibi(tuple(alibi_slopes.shape), finite, d)
     _spec.check_rel_args(rel_k, rel_v, rel_ids, rel_q, rel_bias)
     _spec.check_query_terms(_shape(rel_q), _shape(rel_bias), rel_ids is not None or shaw, d)
     if rel_ids is not None:

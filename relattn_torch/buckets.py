@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _spec
+from . import _scheme_spec, _spec
 
 __all__ = ["BertBuckets", "DebertaBuckets", "ShawBuckets", "T5Buckets", "relative_positions", "shaw_rows",
            "shaw_width"]
@@ -85,7 +85,7 @@ class ShawBuckets(_Scheme):
     max_distance: int
 
     def __post_init__(self):
-        _spec.check_shaw_buckets(self.max_distance)
+        _scheme_spec.check_shaw_buckets(self.max_distance)
 
     @property
     def num_ids(self) -> int:
@@ -110,7 +110,7 @@ class BertBuckets(_Scheme):
     max_position_embeddings: int = 512
 
     def __post_init__(self):
-        _spec.check_bert_buckets(self.max_position_embeddings)
+        _scheme_spec.check_bert_buckets(self.max_position_embeddings)
 
     @property
     def num_ids(self) -> int:
@@ -139,7 +139,7 @@ class T5Buckets(_Scheme):
     bidirectional: bool = True
 
     def __post_init__(self):
-        _spec.check_t5_buckets(self.num_buckets, self.max_distance, self.bidirectional)
+        _scheme_spec.check_t5_buckets(self.num_buckets, self.max_distance, self.bidirectional)
 
     @property
     def num_ids(self) -> int:
@@ -177,7 +177,7 @@ class DebertaBuckets(_Scheme):
     max_relative_positions: int = 512
 
     def __post_init__(self):
-        _spec.check_deberta_buckets(self.position_buckets, self.max_relative_positions)
+        _scheme_spec.check_deberta_buckets(self.position_buckets, self.max_relative_positions)
 
     @property
     def span(self) -> int:

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _spec, buckets, fused, shaw
+from . import _flash_op, _spec, buckets, fused
 from .einsum import AttentionArgs
 
 # "auto" switches to the linear-memory blockwise path once B * N * T * S reaches this
@@ -151,7 +151,7 @@ def _shaw_blocked(c: _Case) -> str | None:
         return _NO_QUERY_TERMS
     if c.alibi:
         return _NO_ALIBI
-    return shaw._MISSING  # None where this torch has the fused CPU kernel
+    return _flash_op.MISSING  # None where this torch has the fused CPU kernel
 
 
 def _shaw_wanted(c: _Case) -> str | None:

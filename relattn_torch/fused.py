@@ -22,7 +22,8 @@ D = dO . o_attn + sum_r C dC (= dO . the full output), recomputes p: a row pass 
 E = dQA (row bucket sums of ds), a column pass over each kv head's G query heads makes dk, dv and
 F = dKA (column bucket sums of ds). The table gradients and the q, k parts of the table terms are
 autograd on the einsums around it. No [B, N, T, S] tensor is ever written and no atomics are used.
-The kernels live in ``_fused_kernels.py``; docs/fused-kernels-torch.md has the measured numbers.
+The kernels live in ``_fused_kernels.py``, the relation terms (Shaw form, QA, KA) in ``_fused_terms.py``;
+docs/fused-kernels-torch.md has the measured numbers.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from collections import namedtuple
 
 import torch
 
-from . import _spec
-from . import buckets
+from . import _fused_terms as terms
+from . import _spec, buckets
 
 _Config = namedtuple("Config", "BLOCK_T BLOCK_S num_warps num_stages H")
 BLOCK_T = 32  # query rows per program
@@ -111,77 +112,21 @@ def fused_attention(q, k, v, rel_k=None, rel_v=None, *, rel_q=None, rel_bias=Non
     if why is not None:
         raise RuntimeError(f"fused_attention cannot run here: {why}")
     c = d.H**-0.5 if scale is None else float(scale)
-    K, tables = _shaw_form(scheme, max_distance, tables, d, q_offset)
+    K, tables = terms.shaw_form(scheme, max_distance, tables, d, q_offset)
     launch = _Launch(K=K, scale=c, is_causal=bool(is_causal), interpret=interpret,
                      config=_config(_padded(d.H), q.dtype))
-    qa = _row_terms(q, tables["rel_k"], tables["rel_bias"], c)  # [B, N, T, R] or None
-    ka = _column_terms(k, tables["rel_q"], c, d.N)  # [B, N, S, R] or None
+    qa = terms.row_terms(q, tables["rel_k"], tables["rel_bias"], c)  # [B, N, T, R] or None
+    ka = terms.column_terms(k, tables["rel_q"], c, d.N)  # [B, N, S, R] or None
     qoff = _offset_tensor(q_offset, d, q.device)
     kl = None if key_lengths is None else key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
     av = tables["rel_v"]
     o, masses = _FusedCore.apply(q, k, v, qa, ka, av is not None, qoff, mask, kl, launch)
     if av is not None:  # the value term C @ A^V, in float32 before the one rounding
-        o = o + torch.einsum(f"BNTR,{_layout(av)}->BTNH", masses, av)
+        o = o + torch.einsum(f"BNTR,{terms.layout(av)}->BTNH", masses, av)
     return o.to(q.dtype)
 
 
 _Launch = namedtuple("_Launch", "K scale is_causal interpret config")
-
-
-def _shaw_form(scheme, max_distance, tables, d, q_offset):
-    """The Shaw clip K and the tables in Shaw form, float32: as given for ``max_distance``
-    (K = max_distance), else K = shaw_width (the saturation with a tensor q_offset) and each
-    table[shaw_rows(scheme, K)] (``_Rows``: its gradient sums back without atomics). A ShawBuckets
-    scheme whose clip is lossless for the sizes keeps its tables as they are, like max_distance."""
-    tables = {name: None if t is None else t.float() for name, t in tables.items()}
-    if scheme is None:
-        return max_distance, tables
-    K = buckets.shaw_width(scheme, d.T, d.S, q_offset)
-    if isinstance(scheme, buckets.ShawBuckets) and K == scheme.max_distance:
-        return K, tables
-    rows = buckets.shaw_rows(scheme, K, device=next((t.device for t in tables.values() if t is not None), None))
-    return K, {name: None if t is None else _Rows.apply(t, rows) for name, t in tables.items()}
-
-
-class _Rows(torch.autograd.Function):
-    """table[rows] along dim 0, with a deterministic backward (one-hot GEMM instead of index_add)."""
-
-    @staticmethod
-    def forward(ctx, table, rows):
-        ctx.save_for_backward(rows)
-        ctx.num_rows = table.shape[0]
-        return table.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        one_hot = (rows[:, None] == torch.arange(ctx.num_rows, device=rows.device)).to(grad.dtype)  # [2K+1, R]
-        return (one_hot.t() @ grad.reshape(grad.shape[0], -1)).reshape(ctx.num_rows, *grad.shape[1:]), None
-
-
-def _row_terms(q, rel_k, rel_bias, scale):
-    """QA = c q . A^K + b as float32 [B, N, T, R], or None without both (autograd differentiates it)."""
-    if rel_k is None and rel_bias is None:
-        return None
-    B, T, N, _ = q.shape
-    qa = None if rel_k is None else scale * _table_product(q, rel_k)  # [B, N, T, R]
-    if rel_bias is not None:
-        b = rel_bias.t()[None, :, None, :]  # b [R, N] -> [1, N, 1, R]
-        qa = b.expand(B, N, T, rel_bias.shape[0]) if qa is None else qa + b
-    return qa.contiguous()
-
-
-def _column_terms(k, rel_q, scale, N):
-    """KA = c k . A^Q per query head as float32 [B, N, S, R], or None; query head n takes kv head n // G."""
-    if rel_q is None:
-        return None
-    B, S, N_kv, H = k.shape
-    R, G = rel_q.shape[0], N // N_kv if N_kv else 1
-    if rel_q.dim() == 2:  # the same product for the G heads of a group
-        ka = torch.einsum("BSKH,RH->BKSR", k.float(), rel_q)[:, :, None].expand(B, N_kv, G, S, R)
-    else:  # [R, N_kv, G, H]: head n = (n // G, n % G)
-        ka = torch.einsum("BSKH,RKGH->BKGSR", k.float(), rel_q.reshape(R, N_kv, G, H))
-    return (scale * ka.reshape(B, N, S, R)).contiguous()
 
 
 class _FusedCore(torch.autograd.Function):
@@ -350,15 +295,6 @@ def _offset_tensor(q_offset, d, device) -> torch.Tensor:
 
 def _is_int(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
-
-
-def _table_product(x, table) -> torch.Tensor:
-    """x . table_r in float32: [B, T, N, H] with [R, H] or [R, N, H] -> [B, N, T, R]."""
-    return torch.einsum(f"BTNH,{_layout(table)}->BNTR", x.float(), table.float()).contiguous()
-
-
-def _layout(table) -> str:
-    return "RH" if table.dim() == 2 else "RNH"
 
 
 def _or(x, fallback):

@@ -61,38 +61,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import _spec, buckets
+from ._flash_op import flash, flash_bwd
 from ._shaw_plan import Band, Plan
 from .einsum import AttentionArgs
 
 _BAND_BLOCK = 32  # query rows per band block
 _FORWARD_CHUNKS = 2  # forward chunk = this many backward chunks (fewer temporaries per row)
 _CHUNK_ELEMENTS = 1 << 20  # about B * N * H * (query rows per backward chunk); see the module docstring
-# The fused CPU kernel is a private aten op: looked up, never assumed, so that a torch without it
-# (or with another signature) still imports; choice.py then blocks this path with _MISSING.
-_OP = "_scaled_dot_product_flash_attention_for_cpu"
-_POSITIONAL = {  # the arguments this path passes by position (and scale= by name)
-    _OP: ("query", "key", "value", "dropout_p", "is_causal"),
-    f"{_OP}_backward": ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal"),
-}
-
-
-def _private_op(name: str):
-    """torch.ops.aten.<name> if it exists and takes the arguments this path passes, else None."""
-    try:
-        op = getattr(torch.ops.aten, name)
-        names = [a.name for a in op.default._schema.arguments]
-    except (AttributeError, RuntimeError):
-        return None
-    expected = _POSITIONAL[name]
-    return op if tuple(names[: len(expected)]) == expected and "scale" in names else None
-
-
-_flash = _private_op(_OP)
-_flash_bwd = _private_op(f"{_OP}_backward")
-# Why this torch cannot run the banded path, or None when it can.
-_MISSING = None if _flash is not None and _flash_bwd is not None else (
-    f"needs torch's private op aten.{_OP} (and its backward) with the arguments "
-    f"{', '.join(_POSITIONAL[_OP])}, scale=, which torch {torch.__version__} does not have")
 
 
 def shaw_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
@@ -278,7 +253,7 @@ def _tails_forward(plan, rows, x: _Inputs, acc, m):
     for c in plan.calls(*rows):
         (lo, hi), (s0, s1) = c.rows, c.keys
         ck = _tail_keys(x.k, s0, s1, x.rk, c)
-        o, l = _flash(_take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip), 0.0, c.causal,
+        o, l = flash(_take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip), 0.0, c.causal,
                       attn_mask=_key_bias(x, s0, s1, c.flip), scale=x.scale)
         del ck
         if x.valid is not None:  # the kernel gives a row with no valid key o = 0 and lse = 0: make it -inf
@@ -309,7 +284,7 @@ def _tails_backward(plan, rows, x: _Inputs, o: _Output, g: _Grads):
                 out_row, out = row, o.zt[:, :, r0:r1] - x.rv[:, row, None]
             cout = out[:, :, lo - r0 : hi - r0]
         ck = _tail_keys(x.k, s0, s1, x.rk, c)
-        d = _flash_bwd(_take(o.dzt, lo, hi, c.flip), _take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip),
+        d = flash_bwd(_take(o.dzt, lo, hi, c.flip), _take(x.qt, lo, hi, c.flip), ck, _take(x.vt, s0, s1, c.flip),
                        cout, _take(o.lse, lo, hi, c.flip), 0.0, c.causal, attn_mask=_key_bias(x, s0, s1, c.flip),
                        scale=x.scale)
         del ck, cout
