@@ -97,8 +97,9 @@ def _named_params(module: nnx.Module) -> tuple[dict, dict]:
 
 def _records(module: nnx.Module) -> dict:
     """{layer name: option record} of every attention layer (``RelativeMultiHeadAttention._weight_record``)."""
-    return {".".join(map(str, path)): m._weight_record() for path, m in nnx.iter_modules(module)
-            if hasattr(m, "_weight_record")}
+    # nnx.iter_graph, not nnx.iter_modules: the latter is missing from flax 0.12.0 (our lower bound)
+    return {".".join(map(str, path)): node._weight_record() for path, node in nnx.iter_graph(module)
+            if isinstance(node, nnx.Module) and hasattr(node, "_weight_record")}
 
 
 def _to_bytes(x: jax.Array):
