@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/python -m train demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --slow
