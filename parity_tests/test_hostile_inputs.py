@@ -387,3 +387,22 @@ def test_module_inputs_of_the_wrong_type_are_named(bk):
     r = bk.module("RelationAwareAttention", 2, 4)
     with pytest.raises(TypeError, match=rf"^x must be a {kind}, got"):
         r(np.zeros((2, 5, 2, 4)).tolist())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_torch_finiteness_check_is_one_sum_that_misses_nothing(dtype):
+    """relattn_torch.finite._all_finite: a NaN or +-inf anywhere is found in every dtype, and a float16
+    tensor whose float16 sum would overflow (1000 x 100 > 65504) still counts as finite."""
+    torch = pytest.importorskip("torch")
+    from relattn_torch import finite
+
+    t = torch.full((10, 10, 10), 100.0, dtype=getattr(torch, dtype))
+    assert finite._all_finite(t)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0, 0), (9, 9, 9), (4, 7, 1)):
+            bad = t.clone()
+            bad[where] = value
+            assert not finite._all_finite(bad), (value, where)
+    both = t.clone()
+    both[0, 0, 0], both[1, 1, 1] = float("inf"), -float("inf")  # inf + -inf in the sum is NaN: still found
+    assert not finite._all_finite(both)
