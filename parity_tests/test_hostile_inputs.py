@@ -3,6 +3,8 @@ under jit / compile, non-finite values behind masks, half precision. Both framew
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -390,19 +392,19 @@ def test_module_inputs_of_the_wrong_type_are_named(bk):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_torch_finiteness_check_is_one_sum_that_misses_nothing(dtype):
-    """relattn_torch.finite._all_finite: a NaN or +-inf anywhere is found in every dtype, and a float16
-    tensor whose float16 sum would overflow (1000 x 100 > 65504) still counts as finite."""
-    torch = pytest.importorskip("torch")
-    from relattn_torch import finite
-
-    t = torch.full((10, 10, 10), 100.0, dtype=getattr(torch, dtype))
-    assert finite._all_finite(t)
-    for value in (float("nan"), float("inf"), -float("inf")):
+def test_finiteness_check_is_one_sum_that_misses_nothing(bk, dtype):
+    """finite._all_finite (eager and under jit in JAX): a NaN or +-inf anywhere is found in every
+    dtype, and a float16 tensor whose float16 sum would overflow (1000 x 100 > 65504) counts as finite."""
+    finite = importlib.import_module(f"relattn_{bk.name}.finite")
+    check = finite._all_finite if bk.name == "torch" else bk.jax.jit(finite._all_finite)
+    t = np.full((10, 10, 10), 100.0)
+    arr = lambda a: bk.array(a).to(getattr(bk.torch, dtype)) if bk.name == "torch" else bk.array(a).astype(dtype)  # noqa: E731
+    assert bool(check(arr(t)))
+    for value in (np.nan, np.inf, -np.inf):
         for where in ((0, 0, 0), (9, 9, 9), (4, 7, 1)):
-            bad = t.clone()
+            bad = t.copy()
             bad[where] = value
-            assert not finite._all_finite(bad), (value, where)
-    both = t.clone()
-    both[0, 0, 0], both[1, 1, 1] = float("inf"), -float("inf")  # inf + -inf in the sum is NaN: still found
-    assert not finite._all_finite(both)
+            assert not bool(check(arr(bad))), (value, where)
+    both = t.copy()
+    both[0, 0, 0], both[1, 1, 1] = np.inf, -np.inf  # inf + -inf in the sum is NaN: still found
+    assert not bool(check(arr(both)))

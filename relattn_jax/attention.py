@@ -26,7 +26,7 @@ from .blockwise import blockwise_attention
 from .buckets import ShawBuckets, _Scheme
 from .choice import IMPLEMENTATIONS, LONG_SEQUENCE_THRESHOLD, choose_implementation
 from .einsum import AttentionArgs, einsum_attention, masked_softmax
-from .finite import finite_inputs, poison_rows
+from .finite import run_finite
 from .fused import fused_attention
 from .shaw import shaw_attention
 
@@ -148,9 +148,7 @@ def relative_attention(
                          max_distance=max_distance, q_offset=q_offset, rel_q=rel_q, rel_bias=rel_bias,
                          dropout_rng=dropout_rng, scheme=scheme, alibi_slopes=alibi_slopes)
     name = choose_implementation(q, k, v, args, implementation).name
-    k_run, v_run, run_args, found = finite_inputs(k, v, args)
-    out = _run(name, q, k_run, v_run, run_args)
-    return poison_rows(out, k, v, args) if found else out
+    return run_finite(lambda k_, v_, args_: _run(name, q, k_, v_, args_), k, v, args)
 
 
 def _run(name: str, q, k, v, args: AttentionArgs) -> jax.Array:

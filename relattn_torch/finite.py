@@ -31,6 +31,18 @@ from .positions import relative_position_ids
 _POISON_CHUNK = 1 << 22  # about B * N * rows * S booleans per chunk of ``poison_rows``
 
 
+def run_finite(run, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
+    """``run(k, v, args)`` (a path's [B, T, N, H] output) with masked non-finite entries given no say.
+
+    Runs ``run`` on the inputs themselves when they are known to be finite, else on the stand-ins
+    of ``finite_inputs`` followed by ``poison_rows``.
+    """
+    k_run, v_run, run_args, found = finite_inputs(k, v, args)
+    if not found:
+        return run(k, v, args)
+    return poison_rows(run(k_run, v_run, run_args), k, v, args)
+
+
 def finite_inputs(k: torch.Tensor, v: torch.Tensor, args: AttentionArgs):
     """k, v and args with every non-finite element of k, v, rel_k, rel_v, rel_q, rel_bias replaced by 0.
 
