@@ -193,22 +193,22 @@ def test_torch_banded_path_from_the_measured_crossover():
     a call that will be differentiated has the higher crossover. On real arrays too (requires_grad)."""
     torch = pytest.importorskip("torch")
     choice = _choice("torch")
-    assert choice._SHAW_MIN_LOGITS == {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19,
-                                      (True, False): 2**22}
+    assert choice._SHAW_MIN_LOGITS == {(False, True): 9 << 16, (False, False): 2**22, (True, True): 2**20,
+                                      (True, False): 9 << 20}
 
     def pick(S, causal, backward):
         case = choice._Case(B=2, T=S, S=S, N=8, H=64, dtype="float32", device="cpu", form="shaw", kernel=CPU_KERNEL,
                             is_causal=causal, max_distance=16, q_offset=0, backward=backward)
         return choice._choose(case).name
 
-    assert [pick(S, False, False) for S in (128, 192)] == ["einsum", "shaw"]  # 2**18, 2**19.2
-    assert [pick(S, False, True) for S in (384, 512)] == ["einsum", "shaw"]  # 2**21.2, 2**22
-    assert [pick(S, True, False) for S in (64, 128)] == ["einsum", "shaw"]  # 2**16, 2**18
-    assert [pick(S, True, True) for S in (128, 192)] == ["einsum", "shaw"]
+    assert [pick(S, False, False) for S in (384, 512)] == ["einsum", "shaw"]  # 2**21.2, 2**22
+    assert [pick(S, False, True) for S in (704, 768)] == ["einsum", "shaw"]  # 16 * 704**2 < 9 << 20 = 16 * 768**2
+    assert [pick(S, True, False) for S in (176, 192)] == ["einsum", "shaw"]  # 9 << 16 = 16 * 192**2
+    assert [pick(S, True, True) for S in (192, 256)] == ["einsum", "shaw"]  # 2**20 = 16 * 256**2
     from relattn_torch import choose_implementation
     from relattn_torch.einsum import AttentionArgs
 
-    q = torch.zeros(2, 384, 8, 1)
+    q = torch.zeros(2, 512, 8, 1)
     args = AttentionArgs(rel_k=torch.zeros(5, 1), max_distance=2, q_offset=0)
     assert choose_implementation(q, q, q, args).name == "shaw"
     assert choose_implementation(q.clone().requires_grad_(), q, q, args).name == "einsum"

@@ -75,8 +75,8 @@ def _shaw_case(T=6, S=6):
 
 def test_auto_takes_the_banded_path_when_the_op_is_there():
     assert _flash_op.MISSING is None, _flash_op.MISSING  # torch 2.13 has the op: this test suite runs the path
-    # T = S = 1024: above the crossover (choice._SHAW_MIN_LOGITS) where "auto" prefers the banded path
-    assert relattn_torch.choose_implementation(*_shaw_case(1024, 1024)).name == "shaw"
+    # T = S = 2048 (B * N = 2): above the crossover (choice._SHAW_MIN_LOGITS) where "auto" prefers the banded path
+    assert relattn_torch.choose_implementation(*_shaw_case(2048, 2048)).name == "shaw"
 
 
 def test_auto_falls_back_with_a_reason_when_the_op_is_missing(monkeypatch):

@@ -35,10 +35,10 @@ from .einsum import AttentionArgs
 # (2**27 float32 logits = 512 MiB per [B, N, T, S] tensor).
 LONG_SEQUENCE_THRESHOLD = 2**27
 # "auto" takes the banded Shaw path from these B * N * T * S on, by (backward, causal); below, the
-# einsum path is faster. Measured crossovers (B N H K = 2 8 64 16, 1 and 2 threads, interleaved,
-# 2026-12-02; docs/implementations.md): forward S ~ 100 causal / 180 non-causal, forward +
-# backward S ~ 170 causal / 560 non-causal.
-_SHAW_MIN_LOGITS = {(False, True): 2**17, (False, False): 2**19, (True, True): 2**19, (True, False): 2**22}
+# einsum path is faster. Measured crossovers (B N H K = 2 8 64 16, 1 and 2 threads, interleaved, on
+# the idle machine, 2026-12-03; docs/implementations.md), at B * N = 16: forward S = 192 causal /
+# 512 non-causal, forward + backward S = 256 causal / 768 non-causal.
+_SHAW_MIN_LOGITS = {(False, True): 9 << 16, (False, False): 2**22, (True, True): 2**20, (True, False): 9 << 20}
 # A bucket scheme runs banded with its shaw_width K (T5 (32, 128): 91; BERT (512): 511), far wider than
 # the K = 16 of those crossovers: "auto" takes it only where S >= this many band widths 2K + 1 as well.
 # Measured forward, B N H = 2 8 64, one thread, banded / einsum (2026-12-02, other jobs running):
