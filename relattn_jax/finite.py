@@ -5,7 +5,7 @@ Dimension legend as in ``attention.py``: B T S N H R.
 Every path multiplies probabilities by values (and, in the backward, logit gradients by keys,
 edges and table rows), and 0 * NaN is NaN: a NaN in a masked key would spread to every query
 row, as it does in ``jax.nn.dot_product_attention``. So ``relative_attention`` runs its path on
-finite stand-ins (``finite_inputs``: every non-finite element of k, v, rel_k, rel_v replaced by
+finite stand-ins (``_stand_ins``: every non-finite element of k, v, rel_k, rel_v replaced by
 0, which a masked entry multiplies by an exact 0) and then sets to NaN each query row that does
 attend an entry holding a non-finite value (``poison_rows``), as the equations give it. A masked
 entry thus changes no output and no gradient, whatever it holds; finite inputs pass through
@@ -34,8 +34,8 @@ from .positions import relative_position_ids
 def run_finite(run, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
     """``run(k, v, args)`` (a path's [B, T, N, H] output) with masked non-finite entries given no say.
 
-    Runs ``run`` on the inputs themselves when they are known to be finite, else on the stand-ins
-    of ``finite_inputs`` followed by ``poison_rows``. Why this twin differs: traced dense edges
+    Runs ``run`` on the inputs themselves when they are known to be finite, else on their finite
+    stand-ins (``_stand_ins``) followed by ``poison_rows``. Why this twin differs: traced dense edges
     [T, S, N, H] go through ``lax.cond`` on one finiteness reduction, so that their stand-ins (a
     select copying each edge tensor, and another in the backward) are made only when some input
     is non-finite; torch on CPU decides eagerly, and a cond would cost a host sync on a GPU.
@@ -77,18 +77,6 @@ def _all_finite(t: jax.Array) -> jax.Array:
     return jnp.isfinite(t.sum(dtype=jnp.float64 if t.dtype == jnp.float64 else jnp.float32))
 
 
-def finite_inputs(k: jax.Array, v: jax.Array, args: AttentionArgs):
-    """k, v and args with every non-finite element of k, v, rel_k, rel_v, rel_q, rel_bias replaced by 0.
-
-    Returns:
-        (k, v, args, found): ``found`` is False when every input is known to be finite (the
-        inputs are returned as they are), True otherwise.
-    """
-    if _known_finite(k, v, args):
-        return k, v, args, False
-    return (*_stand_ins(k, v, args), True)
-
-
 def _known_finite(k, v, args: AttentionArgs) -> bool:
     """True when every input is concrete, on CPU and finite (checked now); False otherwise."""
     named = (k, v, args.rel_k, args.rel_v, args.rel_q, args.rel_bias)
@@ -108,11 +96,12 @@ def _stand_ins(k, v, args: AttentionArgs):
 def poison_rows(out: jax.Array, k: jax.Array, v: jax.Array, args: AttentionArgs) -> jax.Array:
     """out [B, T, N, H] with NaN in every query row (per head) that attends a non-finite entry.
 
-    ``k``, ``v`` and ``args`` are the original inputs (before ``finite_inputs``). An entry (i, j)
+    ``k``, ``v`` and ``args`` are the original inputs (before ``_stand_ins``). An entry (i, j)
     holds a non-finite value when k_j, v_j, the dense edges a_ij or the table rows of r_ij do.
     """
     B, T, N, _ = out.shape
-    rows_bad = jax.lax.cond(_any_non_finite(k, v, args), lambda: _rows(k, v, args, B, T, N), lambda: jnp.zeros((B, N, T), bool))
+    rows_bad = jax.lax.cond(_any_non_finite(k, v, args), lambda: _rows(k, v, args, B, T, N),
+                            lambda: jnp.zeros((B, N, T), bool))
     return jnp.where(jnp.moveaxis(rows_bad, 1, 2)[..., None], jnp.nan, out).astype(out.dtype)
 
 

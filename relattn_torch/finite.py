@@ -5,7 +5,7 @@ Dimension legend as in ``attention.py``: B T S N H R.
 Every path multiplies probabilities by values (and, in the backward, logit gradients by keys,
 edges and table rows), and 0 * NaN is NaN: a NaN in a masked key would spread to every query
 row, as it does in torch's own scaled_dot_product_attention. So ``relative_attention`` runs its
-path on finite stand-ins (``finite_inputs``: every non-finite element of k, v, rel_k, rel_v
+path on finite stand-ins (``_stand_ins``: every non-finite element of k, v, rel_k, rel_v
 replaced by 0, which a masked entry multiplies by an exact 0) and then sets to NaN each query
 row that does attend an entry holding a non-finite value (``poison_rows``), as the equations
 give it. A masked entry thus changes no output and no gradient, whatever it holds; finite
@@ -34,28 +34,26 @@ _POISON_CHUNK = 1 << 22  # about B * N * rows * S booleans per chunk of ``poison
 def run_finite(run, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
     """``run(k, v, args)`` (a path's [B, T, N, H] output) with masked non-finite entries given no say.
 
-    Runs ``run`` on the inputs themselves when they are known to be finite, else on the stand-ins
-    of ``finite_inputs`` followed by ``poison_rows``.
+    Runs ``run`` on the inputs themselves when they are known to be finite, else on their finite
+    stand-ins (``_stand_ins``) followed by ``poison_rows``.
     """
-    k_run, v_run, run_args, found = finite_inputs(k, v, args)
-    if not found:
+    if _known_finite(k, v, args):
         return run(k, v, args)
-    return poison_rows(run(k_run, v_run, run_args), k, v, args)
+    return poison_rows(run(*_stand_ins(k, v, args)), k, v, args)
 
 
-def finite_inputs(k: torch.Tensor, v: torch.Tensor, args: AttentionArgs):
-    """k, v and args with every non-finite element of k, v, rel_k, rel_v, rel_q, rel_bias replaced by 0.
+def _known_finite(k, v, args: AttentionArgs) -> bool:
+    """True when the inputs are CPU tensors outside ``torch.compile`` and finite (checked now); False otherwise."""
+    if k.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return all(t is None or _all_finite(t) for t in (k, v, args.rel_k, args.rel_v, args.rel_q, args.rel_bias))
 
-    Returns:
-        (k, v, args, found): ``found`` is False when every input is known to be finite (the
-        inputs are returned as they are), True otherwise.
-    """
-    named = (k, v, args.rel_k, args.rel_v, args.rel_q, args.rel_bias)
-    if k.device.type == "cpu" and not torch.compiler.is_compiling():
-        if all(t is None or _all_finite(t) for t in named):
-            return k, v, args, False
-    k, v, rel_k, rel_v, rel_q, rel_bias = (None if t is None else torch.where(torch.isfinite(t), t, 0) for t in named)
-    return k, v, replace(args, rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias), True
+
+def _stand_ins(k, v, args: AttentionArgs):
+    """(k, v, args) with every non-finite element of k, v and the tables replaced by 0."""
+    k, v, rel_k, rel_v, rel_q, rel_bias = (None if t is None else torch.where(torch.isfinite(t), t, 0)
+                                           for t in (k, v, args.rel_k, args.rel_v, args.rel_q, args.rel_bias))
+    return k, v, replace(args, rel_k=rel_k, rel_v=rel_v, rel_q=rel_q, rel_bias=rel_bias)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -71,7 +69,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 def poison_rows(out: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
     """out [B, T, N, H] with NaN in every query row (per head) that attends a non-finite entry.
 
-    ``k``, ``v`` and ``args`` are the original inputs (before ``finite_inputs``). An entry (i, j)
+    ``k``, ``v`` and ``args`` are the original inputs (before ``_stand_ins``). An entry (i, j)
     holds a non-finite value when k_j, v_j, the dense edges a_ij or the table rows of r_ij do.
     """
     B, T, N, _ = out.shape
