@@ -15,8 +15,8 @@ FLOOR_NAMES = {"floor", *FLOORS.values()}
 
 def _group(r):
     """The process a row was timed in: framework, S, causal, mode, intra-op threads (0: the default)
-    and the number of competing busy processes (``bench.run --compete``)."""
-    return r["framework"], r["S"], r["causal"], r["mode"], r.get("threads", 0), r.get("compete", 0)
+    the number of competing busy processes (``bench.run --compete``) and GOMP_SPINCOUNT (``--spin``)."""
+    return r["framework"], r["S"], r["causal"], r["mode"], r.get("threads", 0), r.get("compete", 0), r.get("spin")
 
 
 def merge(dirs):
@@ -55,13 +55,14 @@ def markdown(rows, machine) -> str:
              "Cells: median time in ms (x the floor in the same process: `floor`, or for `ours_padded`, "
              "`ours_bf16` and `layer` their own floor); peak MiB (x the floor's) where measured.", ""]
     groups = sorted({_table(r) for r in rows})
-    for fw, mode, causal, threads, compete in groups:
-        sub = [r for r in rows if _table(r) == (fw, mode, causal, threads, compete)]
+    for fw, mode, causal, threads, compete, spin in groups:
+        sub = [r for r in rows if _table(r) == (fw, mode, causal, threads, compete, spin)]
         impls = list(dict.fromkeys(r["impl"] for r in sub))
         sizes = sorted({r["S"] for r in sub})
         lines += [f"### {fw}, {'forward + backward' if mode == 'fwdbwd' else 'forward'}, "
                   f"{'causal' if causal else 'non-causal'}, {f'{threads} thread(s)' if threads else 'default threads'}"
-                  + (f", {compete} competing process(es)" if compete else ""),
+                  + (f", {compete} competing process(es)" if compete else "")
+                  + ("" if spin < 0 else f", GOMP_SPINCOUNT={spin}"),
                   "", "| S | " + " | ".join(impls) + " |",
                   "|---" * (len(impls) + 1) + "|"]
         for S in sizes:
@@ -75,7 +76,7 @@ def markdown(rows, machine) -> str:
 
 
 def _table(r):
-    return r["framework"], r["mode"], r["causal"], r.get("threads", 0), r.get("compete", 0)
+    return r["framework"], r["mode"], r["causal"], r.get("threads", 0), r.get("compete", 0), r.get("spin", -1)
 
 
 def _cell(r):
@@ -101,7 +102,7 @@ def plot(rows, path: Path, fw: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     one = min((r.get("threads", 0) for r in rows if r["framework"] == fw), default=0)  # a thread setting per plot
-    rows = [r for r in rows if r.get("threads", 0) == one and not r.get("compete", 0)]
+    rows = [r for r in rows if r.get("threads", 0) == one and not r.get("compete", 0) and r.get("spin") is None]
     sub = [r for r in rows if r["framework"] == fw and r["mode"] == "fwdbwd" and not r["causal"]]
     sub = sub or [r for r in rows if r["framework"] == fw and not r["causal"]]
     for n in dict.fromkeys(r["impl"] for r in sub):

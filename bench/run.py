@@ -50,6 +50,10 @@ def parse(argv=None):
                    help="intra-op thread settings, each a run of every group (0: the framework's default)")
     p.add_argument("--compete", type=int, nargs="+", default=[0],
                    help="competing busy processes during a group (bench/compete.py), each a run of every group")
+    p.add_argument("--spin", type=int, nargs="+", default=[None],
+                   help="GOMP_SPINCOUNT for the timed processes, each a run of every group (default: as inherited); "
+                        "how long torch's OpenMP threads spin before they sleep, which decides what a competing "
+                        "process costs")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("-B", type=int, default=2)
@@ -88,8 +92,10 @@ def contestants(args, fw, S, causal, mode):
     return out, skipped
 
 
-def run_case(spec, timeout):
+def run_case(spec, timeout, spin=None):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if spin is not None:
+        env["GOMP_SPINCOUNT"] = str(spin)
     cmd = [sys.executable, "-m", "bench.case", json.dumps(spec)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -106,10 +112,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
-    groups = [(compete, threads, fw, S, causal, mode) for compete in args.compete for threads in args.threads
-              for fw in args.frameworks for S in args.sizes for causal in (c == "true" for c in args.causal)
-              for mode in args.modes]
-    for compete, threads, fw, S, causal, mode in groups:
+    groups = [(spin, compete, threads, fw, S, causal, mode) for spin in args.spin for compete in args.compete
+              for threads in args.threads for fw in args.frameworks for S in args.sizes
+              for causal in (c == "true" for c in args.causal) for mode in args.modes]
+    for spin, compete, threads, fw, S, causal, mode in groups:
         case = dict(B=args.B, S=S, N=args.N, H=args.H, K=args.K, causal=causal, mode=mode)
         names, skipped = contestants(args, fw, S, causal, mode)
         spec = dict(framework=fw, case=case, impls=names, repeats=args.repeats, threads=threads)
@@ -119,18 +125,20 @@ def main(argv=None):
         with competitors(compete):
             for part in ([n for n in names if n not in DENSE], [n for n in names if n in DENSE]):
                 if part:
-                    res.update(run_case(dict(spec, impls=part), args.timeout))
+                    res.update(run_case(dict(spec, impls=part), args.timeout, spin))
         mem_names = {"all": names, "none": [], "ours_floor": ["ours", "floor"]}[args.memory]
         if (args.quick and S != max(args.sizes)) or (mode == "fwd" and "fwdbwd" in args.modes):
             mem_names = []  # memory: forward + backward rows only (and the largest S if --quick)
         for n in mem_names:
-            m = run_case(dict(spec, impls=[n], repeats=1, memory=True), args.timeout)[n]
+            m = run_case(dict(spec, impls=[n], repeats=1, memory=True), args.timeout, spin)[n]
             res[n]["peak_mib"] = m.get("peak_mib", None)
             if "error" in m and "error" not in res[n]:
                 res[n]["memory_error"] = m["error"]
         for n, r in {**res, **{n: {"error": why} for n, why in skipped.items()}}.items():
-            rows.append(dict(framework=fw, impl=n, threads=threads, compete=compete, **case, **r))
-        print(f"[{time.time() - t0:6.0f}s] {fw} threads={threads or 'default'} compete={compete} S={S} causal={causal} {mode}: "
+            rows.append(dict(framework=fw, impl=n, threads=threads, compete=compete, **case, **r,
+                             **({} if spin is None else {"spin": spin})))
+        print(f"[{time.time() - t0:6.0f}s] {fw} threads={threads or 'default'} compete={compete} "
+              + ("" if spin is None else f"GOMP_SPINCOUNT={spin} ") + f"S={S} causal={causal} {mode}: "
               + ", ".join(f"{n} {r['median_s'] * 1e3:.0f}ms" if "median_s" in r else f"{n} ERR"
                           for n, r in res.items()), flush=True)
         _save(out, args, rows)
@@ -142,7 +150,8 @@ def _machine():
     import resource  # noqa: F401  (Linux only, like the memory method)
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "load_avg": os.getloadavg()}
+            "load_avg": os.getloadavg(),
+            "env": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}}
 
 
 def _save(out, args, rows):

@@ -214,10 +214,46 @@ def test_rows_under_competing_load_are_their_own_groups():
     g = dict(framework="torch", S=256, causal=False, mode="fwdbwd", threads=2, run=0)
     rows = [dict(g, impl="floor", median_s=1.0), dict(g, impl="ours", median_s=1.5),
             dict(g, impl="floor", median_s=2.0, compete=2), dict(g, impl="ours", median_s=5.0, compete=2),
-            dict(g, impl="ours", median_s=9.0, compete=1)]  # no floor under that load: no ratio
-    got = {(r["impl"], r.get("compete", 0)): r.get("time_x") for r in report.ratios(rows)}
-    assert got[("ours", 0)] == 1.5 and got[("ours", 2)] == 2.5 and got[("ours", 1)] is None
-    assert "2 competing process(es)" in report.markdown(rows, dict(platform="p", cpus=2, load_avg=(0, 0, 0)))
+            dict(g, impl="ours", median_s=9.0, compete=1),  # no floor under that load: no ratio
+            dict(g, impl="floor", median_s=1.0, compete=2, spin=1000), dict(g, impl="ours", median_s=2.0, compete=2,
+                                                                             spin=1000)]
+    got = {(r["impl"], r.get("compete", 0), r.get("spin")): r.get("time_x") for r in report.ratios(rows)}
+    assert got[("ours", 0, None)] == 1.5 and got[("ours", 2, None)] == 2.5 and got[("ours", 1, None)] is None
+    assert got[("ours", 2, 1000)] == 2.0
+    md = report.markdown(rows, dict(platform="p", cpus=2, load_avg=(0, 0, 0)))
+    assert "2 competing process(es)\n" in md and "2 competing process(es), GOMP_SPINCOUNT=1000\n" in md
+
+
+def test_spin_setting_reaches_the_timed_process(monkeypatch):
+    from bench import run
+
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen["spin"] = env.get("GOMP_SPINCOUNT")
+        return type("R", (), {"returncode": 0, "stdout": '{"floor": {"median_s": 1.0}}', "stderr": ""})()
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    assert run.run_case(dict(impls=["floor"]), 10, 1000) == {"floor": {"median_s": 1.0}}
+    assert seen["spin"] == "1000"
+    run.run_case(dict(impls=["floor"]), 10)
+    assert seen["spin"] is None
+
+
+def test_tail_covers_compute_the_same_triangle(capsys):
+    torch = pytest.importorskip("torch")
+    from bench import tails
+
+    cover = tails.covers(64, K=4, B=1, N=2, H=8, pieces=(8, 24))
+    (o, lse), = cover["causal"]()
+    for m in (8, 24):
+        got = cover[f"pieces_{m}"]()
+        assert len(got) == -(-60 // m)
+        torch.testing.assert_close(torch.cat([p[0] for p in got], 2), o)
+        torch.testing.assert_close(torch.cat([p[1] for p in got], 2), lse)
+    tails.main(["--sizes", "40", "--repeats", "1", "--threads", "1"])
+    assert "L=40 fwd+bwd threads=1: full" in capsys.readouterr().out
 
 
 def test_competitors_run_during_the_block_and_are_gone_after_it():
