@@ -15,8 +15,9 @@ FLOOR_NAMES = {"floor", *FLOORS.values()}
 
 def _group(r):
     """The process a row was timed in: framework, S, causal, mode, intra-op threads (0: the default)
-    the number of competing busy processes (``bench.run --compete``) and GOMP_SPINCOUNT (``--spin``)."""
-    return r["framework"], r["S"], r["causal"], r["mode"], r.get("threads", 0), r.get("compete", 0), r.get("spin")
+    the number of competing busy processes (``bench.run --compete``) and GOMP_SPINCOUNT (``--spin``; -1: as
+    inherited)."""
+    return r["framework"], r["S"], r["causal"], r["mode"], r.get("threads", 0), r.get("compete", 0), r.get("spin", -1)
 
 
 def merge(dirs):
@@ -102,7 +103,7 @@ def plot(rows, path: Path, fw: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     one = min((r.get("threads", 0) for r in rows if r["framework"] == fw), default=0)  # a thread setting per plot
-    rows = [r for r in rows if r.get("threads", 0) == one and not r.get("compete", 0) and r.get("spin") is None]
+    rows = [r for r in rows if r.get("threads", 0) == one and not r.get("compete", 0) and r.get("spin", -1) < 0]
     sub = [r for r in rows if r["framework"] == fw and r["mode"] == "fwdbwd" and not r["causal"]]
     sub = sub or [r for r in rows if r["framework"] == fw and not r["causal"]]
     for n in dict.fromkeys(r["impl"] for r in sub):

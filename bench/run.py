@@ -151,7 +151,8 @@ def _machine():
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "load_avg": os.getloadavg(),
-            "env": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}}
+            "env": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
+                    if k in os.environ}}
 
 
 def _save(out, args, rows):
