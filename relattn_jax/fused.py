@@ -21,8 +21,9 @@ sums of ds = p (dO v^T + dC[r_ij] - D)); a column pass makes dk, dv and F (colum
 ds). E and F are the gradients of qa and ka; jax differentiates the GEMMs around the kernel call
 (dA^K, db, dA^Q, dA^V and the table parts of dq and dk). Grouped keys and values (N_kv heads):
 query head n reads head n // G, and the column pass sums over each group. No [B, N, T, S] array is
-written and there are no atomics. Ids come from ``_fused_kernels.bucket``; the kernel bodies and
-launches live in ``_fused_kernels.py``, the relation terms (Shaw form, QA, KA) in ``_fused_terms.py``.
+written and there are no atomics. Ids come from ``_fused_kernels.bucket``; the kernel bodies
+live in ``_fused_kernels.py``, their launches in ``_fused_launch.py``, the relation terms (Shaw
+form, QA, KA) in ``_fused_terms.py``.
 
 Backends: the Triton backend of Pallas on GPU (``jax.experimental.pallas.triton.CompilerParams``;
 Pallas' default GPU backend, Mosaic GPU, is not used), Mosaic on TPU, and the Pallas interpreter
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _fused_kernels as kernels
+from . import _fused_launch as launch
 from . import _fused_terms as terms
 from . import _spec, buckets
 
@@ -199,7 +201,7 @@ def _fused(cfg, meta, q, k, v, qa, ka, mask):
 
 
 def _fused_fwd(cfg, meta, q, k, v, qa, ka, mask):
-    o, lse, c = kernels._forward(cfg, meta, q, k, v, qa, ka, mask)
+    o, lse, c = launch.forward(cfg, meta, q, k, v, qa, ka, mask)
     return (o, c), (meta, q, k, v, qa, ka, mask, o, lse, c)
 
 
@@ -209,7 +211,7 @@ def _fused_bwd(cfg, res, cot):
     dlt = jnp.einsum("BNTH,BNTH->BNT", do, o, precision=_HIGHEST)  # D = rowsum(dO * out), by parts:
     if cfg.want_c:
         dlt = dlt + jnp.einsum("BNTR,BNTR->BNT", dc, c, precision=_HIGHEST)  # dC . C = dO . (C @ A^V)
-    dq, e, dk, dv, f = kernels._backward(cfg, meta, q, k, v, qa, ka, dc if cfg.want_c else None, mask, lse,
+    dq, e, dk, dv, f = launch.backward(cfg, meta, q, k, v, qa, ka, dc if cfg.want_c else None, mask, lse,
                                          dlt[..., None], do.astype(q.dtype))
     return None, dq.astype(q.dtype), dk, dv, e, f, None
 
