@@ -1,7 +1,8 @@
 """Ways to cover one Shaw tail with torch's fused CPU kernel: ``python -m bench.tails [--threads N]``.
 
 A tail of the banded Shaw path (``relattn_torch/shaw.py``) is a triangle: query row i sees keys
-j <= i - K. Per L, prints the median ms (forward, and forward + backward) of: the full square
+j <= i - K. Per L, prints the median ms (forward, and forward + backward; rounds interleaved as in
+``bench.case``) of: the full square
 (what the floor pays), the one causal call the path makes, and row pieces of m rows, each one
 call with an additive mask for its own triangle. docs/performance.md quotes these numbers.
 """
@@ -9,19 +10,10 @@ call with an additive mask for its own triangle. docs/performance.md quotes thes
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-
-def _median_ms(f, repeats):
-    f()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[repeats // 2] * 1e3
+from bench.case import _time
 
 
 def covers(L, K=16, B=2, N=8, H=64, pieces=(32, 64, 128, 256), backward=False, seed=0):
@@ -65,9 +57,12 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     for L in a.sizes:
         for backward in (False, True):
-            cells = {n: _median_ms(f, a.repeats) for n, f in covers(L, backward=backward).items()}
+            steps = covers(L, backward=backward)
+            for step in steps.values():
+                step()  # warm-up
+            cells = _time(steps, a.repeats)  # interleaved rounds, as bench.case times a group
             print(f"L={L} {'fwd+bwd' if backward else 'fwd'} threads={torch.get_num_threads()}: "
-                  + " ".join(f"{n} {t:.1f} ms" for n, t in cells.items()), flush=True)
+                  + " ".join(f"{n} {t['median_s'] * 1e3:.1f} ms" for n, t in cells.items()), flush=True)
 
 
 if __name__ == "__main__":
